@@ -1,0 +1,3 @@
+"""zohpc: zeroth-order training of deep networks over MPI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""The only module that imports mpi4py: ranks, device binding, tensor collectives, aborts.
+
+Collectives take contiguous tensors and use mpi4py's buffer (uppercase) calls: nothing on
+the hot path is pickled. CUDA tensors are staged through host memory, so any MPI works.
+``run_main`` wraps an entry point so that an exception on any rank ends the whole job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+
+from .errors import EXIT_USER_ERROR, UserError
+
+# mpi4py initializes MPI on import; with no mpiexec it starts as a singleton of size 1.
+from mpi4py import MPI  # noqa: E402
+
+EXIT_ABORT = 1
+
+
+def _cores_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Comm:
+    """A communicator with the job's layout: rank, size, node-local rank, device, threads."""
+
+    def __init__(self, mpi_comm=None):
+        self.mpi = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank = self.mpi.Get_rank()
+        self.size = self.mpi.Get_size()
+        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        self.local_size = node.Get_size()
+        node.Free()
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ placement
+    def bind_device(self, preference: str = "auto") -> torch.device:
+        """``cuda:local_rank % n_gpus`` when CUDA is wanted and present, else the CPU."""
+        if preference == "cuda" and not torch.cuda.is_available():
+            raise UserError("config key 'train.device': 'cuda' requested but no CUDA device is available")
+        if preference in ("auto", "cuda") and torch.cuda.is_available():
+            index = self.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def threads_per_rank(self) -> int:
+        """Cores on this node divided by the ranks on this node (at least 1)."""
+        env = os.environ.get("ZOHPC_THREADS")
+        if env:
+            return max(1, int(env))
+        return max(1, _cores_available() // self.local_size)
+
+    def set_threads(self) -> int:
+        n = self.threads_per_rank()
+        torch.set_num_threads(n)
+        return n
+
+    # ------------------------------------------------------------------ collectives
+    @staticmethod
+    def _host(tensor: torch.Tensor):
+        if not tensor.is_contiguous():
+            raise ValueError("MPI buffers must be contiguous tensors")
+        return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+    def bcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Broadcast ``tensor`` in place from ``root``."""
+        if self.size == 1:
+            return tensor
+        host = self._host(tensor)
+        self.mpi.Bcast(host.numpy(), root=root)
+        if host is not tensor:
+            tensor.copy_(host)
+        return tensor
+
+    def gatherv(self, local: torch.Tensor, counts: list[int], root: int = 0) -> torch.Tensor | None:
+        """Concatenate every rank's 1-D ``local`` (rank r holds ``counts[r]`` values) on ``root``."""
+        if self.size == 1:
+            return local.clone()
+        host = self._host(local)
+        if self.rank == root:
+            out = torch.empty(sum(counts), dtype=local.dtype)
+            displs = [sum(counts[:r]) for r in range(self.size)]
+            self.mpi.Gatherv(host.numpy(), [out.numpy(), counts, displs, None], root=root)
+            return out.to(local.device)
+        self.mpi.Gatherv(host.numpy(), None, root=root)
+        return None
+
+    def allgatherv(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Concatenate every rank's 1-D ``local`` on every rank."""
+        if self.size == 1:
+            return local.clone()
+        host = self._host(local)
+        out = torch.empty(sum(counts), dtype=local.dtype)
+        displs = [sum(counts[:r]) for r in range(self.size)]
+        self.mpi.Allgatherv(host.numpy(), [out.numpy(), counts, displs, None])
+        return out.to(local.device)
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        host = self._host(tensor)
+        self.mpi.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM)
+        if host is not tensor:
+            tensor.copy_(host)
+        return tensor
+
+    def allreduce_max(self, value: float) -> float:
+        buf = torch.tensor([float(value)], dtype=torch.float64)
+        if self.size > 1:
+            self.mpi.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.MAX)
+        return float(buf[0])
+
+    def gather_floats(self, values: list[float], root: int = 0) -> torch.Tensor | None:
+        """Gather a fixed-length list of floats from every rank: a (size, len) tensor on root."""
+        local = torch.tensor(values, dtype=torch.float64)
+        out = self.gatherv(local, [len(values)] * self.size, root)
+        return None if out is None else out.view(self.size, len(values))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.mpi.Barrier()
+
+    def bcast_object(self, obj, root: int = 0):
+        """Pickled broadcast: start-up and rare control messages only, never the hot path."""
+        if self.size == 1:
+            return obj
+        return self.mpi.bcast(obj, root=root)
+
+    # ------------------------------------------------------------------ errors
+    def agree(self, fn, *args, **kwargs):
+        """Run ``fn`` on every rank; if it raises a UserError on any rank, raise it on all.
+
+        Used for start-up checks (config, files) so every rank reports the same line and
+        exits with code 2 instead of leaving the others waiting in a collective.
+        """
+        error = None
+        result = None
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as exc:
+            error = str(exc)
+        if self.size == 1:
+            if error is not None:
+                raise _agreed(UserError(error))
+            return result
+        failed = self.mpi.allreduce(error is not None, op=MPI.LOR)
+        if failed:
+            first = self.mpi.allreduce(self.rank if error is not None else self.size, op=MPI.MIN)
+            message = self.mpi.bcast(error, root=first)
+            raise _agreed(UserError(message))
+        return result
+
+    def abort(self, code: int = EXIT_ABORT) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.size > 1:
+            self.mpi.Abort(code)
+        os._exit(code)
+
+
+def _agreed(exc: UserError) -> UserError:
+    exc.agreed = True  # raised identically on every rank
+    return exc
+
+
+_WORLD: Comm | None = None
+
+
+def world() -> Comm:
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = Comm()
+    return _WORLD
+
+
+def run_main(fn, prog: str = "zohpc") -> None:
+    """Run an entry point; user errors exit 2 on every rank, anything else aborts the job.
+
+    A UserError raised on all ranks (see :meth:`Comm.agree`) ends each rank cleanly with
+    exit code 2. A UserError seen by one rank only, or any other exception, is printed with
+    the rank and ends the whole job through MPI_Abort, so no rank hangs in a collective.
+    """
+    comm = world()
+    try:
+        code = fn(comm)
+    except SystemExit:
+        raise
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        if comm.size == 1 or getattr(exc, "agreed", False):
+            sys.exit(EXIT_USER_ERROR)
+        comm.abort(EXIT_USER_ERROR)
+    except BaseException as exc:  # noqa: BLE001 - the job must not hang on any error
+        tb = traceback.format_exc()
+        print(f"{prog}: rank {comm.rank}/{comm.size}: fatal {type(exc).__name__}: {exc}\n{tb}",
+              file=sys.stderr, flush=True)
+        comm.abort(EXIT_ABORT if not isinstance(exc, KeyboardInterrupt) else 130)
+    sys.exit(code or 0)

@@ -1,0 +1,321 @@
+"""Typed config tree: dataclass defaults, TOML files, ``--set section.key=value`` overrides.
+
+The built-in defaults are the embedded default run (digits, small CNN, sparse CGE);
+``configs/default.toml`` states the same values and a test keeps the two in step.
+Every user mistake raises :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | mnist | hdf5 | synthetic
+    dir: str = ""  # directory (cifar10, mnist) or .h5 file / directory (hdf5)
+    batch_size: int = 128
+    test_batch_size: int = 1000
+    augment: bool = False  # CIFAR random crop (pad 4) + horizontal flip
+    limit: int = 0  # use only the first N training examples (0 = all)
+    synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    synthetic_classes: int = 10
+    synthetic_size: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_cnn"
+
+
+@dataclass
+class ZOConfig:
+    estimator: str = "cge"  # cge | rge
+    mu: float = 5e-3
+    difference: str = "forward"  # forward | central
+    query_batch: int = 32  # perturbed copies evaluated in one stacked forward
+    rge_queries: int = 64  # directions per step for RGE
+    features: str = "auto"  # broadcast | recompute | auto (measured at start-up)
+
+
+@dataclass
+class PruneConfig:
+    method: str = "zo_grasp"  # none | zo_grasp | grasp | random | magnitude
+    sparsity: float = 0.5
+    mask_interval: int = 5  # epochs between fresh layer-wise random masks (0 = fixed mask)
+    masks_file: str = ""  # HDF5 mask file from `python -m zohpc.prune`
+    queries: int = 192  # RGE directions for zo_grasp
+    mu: float = 5e-3
+    samples_per_class: int = 25
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | lizo
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: int = 0
+    step_epochs: int = 30  # step schedule: decay every N epochs
+    gamma: float = 0.1  # step schedule: decay factor
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    # LIZO
+    num_sample_per_step: int = 8
+    reuse_distance_bound: float = 0.0  # 0 = 2 * lr, as ReLIZO suggests
+    max_reuse_rate: float = 0.5
+    orthogonal_sample: bool = False
+    line_search: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every_seconds: float = 5.0
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests)
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    keep: int = 3
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "data.name": ("digits", "cifar10", "mnist", "hdf5", "synthetic"),
+    "zo.estimator": ("cge", "rge"),
+    "zo.difference": ("forward", "central"),
+    "zo.features": ("auto", "broadcast", "recompute"),
+    "prune.method": ("none", "zo_grasp", "grasp", "random", "magnitude"),
+    "optim.name": ("sgd", "adam", "lizo"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+# key -> (predicate, description of the allowed range)
+RANGES = {
+    "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.test_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.limit": (lambda v: v >= 0, ">= 0"),
+    "data.synthetic_classes": (lambda v: v >= 2, ">= 2"),
+    "data.synthetic_size": (lambda v: v >= 1, ">= 1"),
+    "data.synthetic_shape": (lambda v: len(v) == 3 and all(d >= 1 for d in v), "3 positive integers [C, H, W]"),
+    "zo.mu": (lambda v: v > 0, "> 0"),
+    "zo.query_batch": (lambda v: v >= 1, ">= 1"),
+    "zo.rge_queries": (lambda v: v >= 1, ">= 1"),
+    "prune.sparsity": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "prune.mask_interval": (lambda v: v >= 0, ">= 0"),
+    "prune.queries": (lambda v: v >= 1, ">= 1"),
+    "prune.mu": (lambda v: v > 0, "> 0"),
+    "prune.samples_per_class": (lambda v: v >= 1, ">= 1"),
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "optim.step_epochs": (lambda v: v >= 1, ">= 1"),
+    "optim.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "optim.num_sample_per_step": (lambda v: v >= 1, ">= 1"),
+    "optim.reuse_distance_bound": (lambda v: v >= 0, ">= 0"),
+    "optim.max_reuse_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.seed": (lambda v: v >= 0, ">= 0"),
+    "train.log_every_seconds": (lambda v: v > 0, "> 0"),
+    "train.max_steps": (lambda v: v >= 0, ">= 0"),
+    "checkpoint.every_epochs": (lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "checkpoint.keep": (lambda v: v >= 1, ">= 1"),
+}
+
+NEEDS_DIR = ("cifar10", "mnist", "hdf5")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp, value):
+    """Check ``value`` against the field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config field type {tp} for {key}")
+
+
+def _section_types(section_cls) -> dict:
+    return typing.get_type_hints(section_cls)
+
+
+def _sections() -> dict:
+    return typing.get_type_hints(Config)
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str) -> None:
+    """Set values from a nested ``{section: {key: value}}`` mapping, rejecting unknown names."""
+    sections = _sections()
+    for section, table in mapping.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown config section '{section}' (known: {', '.join(sections)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table of keys")
+        obj = getattr(cfg, section)
+        types = _section_types(type(obj))
+        for key, value in table.items():
+            if key not in types:
+                raise ConfigError(f"{source}: unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
+            setattr(obj, key, _coerce(f"{section}.{key}", types[key], value))
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise ConfigError(f"--set '{text}': key must be section.key (e.g. optim.lr=0.1)")
+    section, key = dotted.split(".")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), out: str | None = None) -> Config:
+    """Defaults, then the TOML file, then ``--set`` overrides, then validation."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path, "rb") as fh:
+                mapping = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+        apply_mapping(cfg, mapping, f"config file '{path}'")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_mapping(cfg, {section: {key: value}}, f"--set {text}")
+    if out:
+        cfg.run.out = out
+    validate(cfg)
+    return cfg
+
+
+def get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks across the whole tree, plus existence of the data directory."""
+    for dotted, choices in CHOICES.items():
+        value = get(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(choices)}")
+    for dotted, (ok, desc) in RANGES.items():
+        value = get(cfg, dotted)
+        if not ok(value):
+            raise ConfigError(f"config key '{dotted}': {value!r} is out of range (must be {desc})")
+    if cfg.data.name in NEEDS_DIR:
+        if not cfg.data.dir:
+            raise ConfigError(f"config key 'data.dir': required for data.name = '{cfg.data.name}'")
+        if not os.path.exists(cfg.data.dir):
+            raise ConfigError(f"config key 'data.dir': '{cfg.data.dir}' does not exist")
+    if cfg.prune.masks_file and not os.path.isfile(cfg.prune.masks_file):
+        raise ConfigError(f"config key 'prune.masks_file': '{cfg.prune.masks_file}' does not exist")
+    if not cfg.run.out:
+        raise ConfigError("config key 'run.out': must name an output directory")
+    from .models import MODEL_NAMES  # late import: models import torch
+
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"config key 'model.name': {cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (read back by :func:`from_toml_text`)."""
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_toml_text(text: str, source: str = "stored config", check_paths: bool = True) -> Config:
+    cfg = Config()
+    try:
+        mapping = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    apply_mapping(cfg, mapping, source)
+    if check_paths:
+        validate(cfg)
+    return cfg

@@ -1,0 +1,19 @@
+"""Errors a user can cause. Each is reported as one line and exit code 2 on every rank."""
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Bad input (config, path, file, shape, value): one clear line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config key, type or value is wrong."""
+
+
+class DataError(UserError):
+    """A data file is missing, malformed or inconsistent."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or mask file is missing, foreign, truncated or corrupted."""
