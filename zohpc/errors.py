@@ -17,3 +17,6 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or mask file is missing, foreign, truncated or corrupted."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; the job template requeues

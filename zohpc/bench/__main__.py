@@ -1,0 +1,34 @@
+"""``python -m zohpc.bench <name> [options]``: performance measurements printed as JSON.
+
+Each benchmark lives in its own module ``zohpc.bench.<name>`` with ``main(argv)``.
+Figures are ratios measured in one run on one machine, never assertions in tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "engine": "query engine: naive vs block-level reuse vs per-layer engine",
+    "scaling": "distributed sparse-CGE step under mpirun -n K",
+    "lizo": "LIZO with/without reuse vs ZO-SGD on test functions",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        lines = ["usage: python -m zohpc.bench {%s} [options]" % ",".join(BENCHES), ""]
+        lines += [f"  {name:8s} {what}" for name, what in BENCHES.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"zohpc.bench: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(f"zohpc.bench.{argv[0]}")
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
