@@ -94,6 +94,7 @@ class DistributedCGE:
         self.coords: Coordinates | None = None
         self.costs: list[float] | None = None
         self.bounds: list[int] = []
+        self._feature_shapes: dict = {}
 
     # ------------------------------------------------------------------ sharding
     def measure_costs(self, coords: Coordinates, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -154,17 +155,21 @@ class DistributedCGE:
         times.driver_forward = t1 - t0
 
         if comm.size > 1:
-            x, y = self._share_batch(x, y, batch_shape, batch_shape[0], dtype, device)
             comm.bcast_(base)
-            if self.features == "broadcast":
+            if self.features == "recompute":
+                x, y = self._share_batch(x, y, batch_shape, batch_shape[0], dtype, device)
+            else:  # the features include the input batch and the labels
                 if comm.is_driver:
-                    feats = engine.feature_tensors()
+                    feats = [t.contiguous() for t in engine.feature_tensors()]
                 else:
-                    feats = [torch.empty(s, dtype=dt, device=device) for s, dt in engine.feature_shapes(tuple(batch_shape))]
+                    key = tuple(batch_shape)
+                    if key not in self._feature_shapes:  # one forward on zeros, once per batch shape
+                        self._feature_shapes[key] = engine.feature_shapes(key)
+                    feats = [torch.empty(s, dtype=dt, device=device) for s, dt in self._feature_shapes[key]]
                 for t in feats:
                     comm.bcast_(t)
                 if not comm.is_driver:
-                    engine.load_features(feats, base[0], x, y)
+                    engine.load_features(feats, base[0])
             times.bcast = time.perf_counter() - t1
             if self.features == "recompute" and not comm.is_driver:
                 t2 = time.perf_counter()

@@ -89,7 +89,8 @@ class MaskSchedule:
             return None
         if self.fixed is not None:
             return self.fixed
-        return layerwise_random_masks(self.shapes, self.ratios, self.seed, self.draw(epoch))
+        shapes = {n: self.shapes[n] for n in self.ratios}
+        return layerwise_random_masks(shapes, self.ratios, self.seed, self.draw(epoch))
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int):

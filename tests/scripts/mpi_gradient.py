@@ -20,7 +20,7 @@ def main(comm):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(16, *shape, generator=gen)
     y = torch.randint(0, 10, (16,), generator=gen)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters() if n in maskable_names(model)}
     masks = layerwise_random_masks(shapes, {n: 0.5 for n in maskable_names(model)}, 0, 0)
     coords = Coordinates(model, masks)
     engine = QueryEngine(model, query_batch=5)

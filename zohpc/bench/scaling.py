@@ -44,7 +44,7 @@ def run(comm, args) -> int:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, *shape, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters() if n in maskable_names(model)}
     masks = None
     if args.sparsity > 0:
         masks = layerwise_random_masks(shapes, {n: args.sparsity for n in maskable_names(model)}, 0, 0)
