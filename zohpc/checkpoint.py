@@ -1,0 +1,587 @@
+"""HDF5 checkpoints: a pickle-free tree format, atomic writes, full verification, resume.
+
+Why not ``torch.save``: it pickles, so loading a file can run code, and a flipped byte
+goes unnoticed. Here every array is a dataset with fletcher32 + SHA-256 (``h5util``), and
+everything that is not an array (dict keys and their types, list/tuple shapes, Python
+scalars, dtypes and shapes of the arrays) lives in one checksummed JSON "structure"
+dataset per tree. A damaged file therefore either fails to load with a one-line
+:class:`~zohpc.errors.CheckpointError` or loads exactly what was saved.
+
+File layout (format ``zohpc-checkpoint``, version 1)::
+
+    /                 attrs: format, format_version, complete, zohpc_version, step, epoch, config
+    /meta             JSON text: the same values, checksummed (the attrs are for humans)
+    /params/ /buffers/ /masks/ /optimizer/ /scheduler/ /rng/ /extra/
+                      trees: ``__tree__`` (JSON structure) + one dataset per tensor/array,
+                      named after its place in the tree (e.g. ``params/conv1.weight``)
+    /metrics/records  JSON text: the list of metric records so far
+    trailer           79 bytes after the HDF5 data: ``\nzohpc-sha256:<64 hex>\n``, the SHA-256
+                      of every byte before it (HDF5 ignores bytes past its end of file)
+
+Why the trailer: the HDF5 library can crash the process (segfault) on some damaged
+metadata, so no byte of a checkpoint reaches it before the whole file is verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CheckpointError
+from .h5util import atomic_h5, fsync_dir, open_verified, read_array, write_array
+
+FORMAT_NAME = "zohpc-checkpoint"
+FORMAT_VERSION = 1
+
+TREE_DATASET = "__tree__"
+_TREE_GROUPS = ("params", "buffers", "masks", "optimizer", "scheduler", "rng", "extra")
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
+
+
+# --------------------------------------------------------------------------- whole-file trailer
+TRAILER_PREFIX = b"\nzohpc-sha256:"
+TRAILER_SIZE = len(TRAILER_PREFIX) + 64 + 1
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _file_sha256(fh, length: int) -> str:
+    digest = hashlib.sha256()
+    remaining = length
+    while remaining > 0:
+        block = fh.read(min(remaining, 1 << 22))
+        if not block:
+            break
+        digest.update(block)
+        remaining -= len(block)
+    return digest.hexdigest()
+
+
+def append_trailer(path: str) -> None:
+    """Append the whole-file SHA-256 trailer to a finished HDF5 file and fsync it."""
+    with open(path, "rb+") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        hexdigest = _file_sha256(fh, size)
+        fh.seek(size)
+        fh.write(TRAILER_PREFIX + hexdigest.encode("ascii") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_trailer(path: str, format_name: str = "zohpc checkpoint") -> None:
+    """Check the trailer before any HDF5 call; CheckpointError names the file and the problem."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if size == 0:
+                raise CheckpointError(f"{path}: empty file")
+            if head != HDF5_SIGNATURE:
+                raise CheckpointError(f"{path}: not an HDF5 file")
+            trailer = b""
+            if size >= TRAILER_SIZE:
+                fh.seek(size - TRAILER_SIZE)
+                trailer = fh.read(TRAILER_SIZE)
+            if not (trailer.startswith(TRAILER_PREFIX) and trailer.endswith(b"\n")):
+                _diagnose_no_trailer(path, format_name)
+            expected = trailer[len(TRAILER_PREFIX):-1]
+            fh.seek(0)
+            actual = _file_sha256(fh, size - TRAILER_SIZE).encode("ascii")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if actual != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (corrupted file)")
+
+
+def _diagnose_no_trailer(path: str, format_name: str) -> None:
+    """No trailer: a foreign HDF5 file, or one of ours cut short. Both end in CheckpointError.
+
+    Only an intact file can lack a trailer and still open, so asking HDF5 is safe here:
+    a truncated file fails its end-of-file check cleanly.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            found = fh.attrs.get("format", "")
+            found = found.decode() if isinstance(found, bytes) else str(found)
+    except Exception:  # noqa: BLE001 - any failure means damaged
+        raise CheckpointError(f"{path}: truncated or damaged HDF5 file (checksum trailer missing)") from None
+    if found != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a {format_name} file (format attribute is {found or 'missing'!r})")
+    raise CheckpointError(f"{path}: truncated or damaged {format_name} (checksum trailer missing)")
+
+
+# --------------------------------------------------------------------------- JSON text
+def write_json(group: h5py.Group, name: str, obj) -> None:
+    """Store ``obj`` as checksummed JSON text (a fixed-length byte string dataset).
+
+    ``json.loads(group[name][()])`` reads it back with plain h5py; nothing is evaluated.
+    """
+    text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    write_array(group, name, np.bytes_(text.encode("ascii")))
+
+
+def read_json(group: h5py.Group, name: str, path: str = ""):
+    _check_size(group, name, path)
+    raw = read_array(group, name, path)
+    if raw.dtype.kind != "S" or raw.ndim != 0:
+        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: expected JSON text, found {raw.dtype} {raw.shape}")
+    return json.loads(raw[()].decode("ascii"))
+
+
+def _check_size(group: h5py.Group, name: str, path: str) -> None:
+    """Refuse a dataset larger than the file itself (damaged metadata), before reading it."""
+    if name not in group:
+        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: dataset missing (incomplete file)")
+    ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: not a dataset")
+    nbytes = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize if ds.shape is not None else 0
+    limit = os.path.getsize(path) if path and os.path.isfile(path) else None
+    if limit is not None and nbytes > limit:
+        raise CheckpointError(f"{path}:{ds.name}: claims {nbytes} bytes, more than the whole file (corrupted)")
+
+
+# --------------------------------------------------------------------------- trees
+def _float_bits(x: float) -> str:
+    return struct.pack("<d", x).hex()
+
+
+def _bits_float(s: str) -> float:
+    return struct.unpack("<d", bytes.fromhex(s))[0]
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+# torch dtypes with no numpy twin are stored as raw integers of the same width
+_RAW_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
+    if t.layout != torch.strided:
+        raise TypeError(f"cannot store a {t.layout} tensor; convert it to dense first")
+    t = t.detach().to("cpu").contiguous()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    try:
+        return t.numpy(), False
+    except TypeError:  # bfloat16, float8 ...: keep the bits
+        return t.view(_RAW_VIEW[t.element_size()]).numpy(), True
+
+
+class _Writer:
+    def __init__(self, group: h5py.Group):
+        self.group = group
+        self.used = {TREE_DATASET}
+
+    def _name(self, where: str) -> str:
+        base = (where or "value").replace("/", "%2F")
+        if base.startswith("."):
+            base = "_" + base
+        name, n = base, 1
+        while name in self.used:
+            n += 1
+            name = f"{base}#{n}"
+        self.used.add(name)
+        return name
+
+    def encode(self, obj, where: str):
+        if obj is None:
+            return {"t": "none"}
+        if isinstance(obj, bool):
+            return {"t": "bool", "v": obj}
+        if isinstance(obj, int) and type(obj) is int:
+            return {"t": "int", "v": obj}
+        if type(obj) is float:
+            return {"t": "float", "bits": _float_bits(obj)}
+        if type(obj) is str:
+            return {"t": "str", "v": obj}
+        if type(obj) is bytes:
+            return {"t": "bytes", "hex": obj.hex()}
+        if isinstance(obj, torch.Tensor):
+            array, raw = _tensor_to_numpy(obj)
+            name = self._name(where)
+            write_array(self.group, name, array)
+            return {"t": "tensor", "dtype": _torch_dtype_name(obj.dtype), "shape": list(obj.shape),
+                    "raw": raw, "ds": name}
+        if isinstance(obj, np.generic):
+            if obj.dtype.kind == "O":
+                raise TypeError(f"cannot store numpy object scalar at {where!r}")
+            return {"t": "npscalar", "dtype": obj.dtype.str, "hex": obj.tobytes().hex()}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind in "OVUMm" or obj.dtype.fields is not None:
+                raise TypeError(f"cannot store numpy array of dtype {obj.dtype} at {where!r}")
+            name = self._name(where)
+            write_array(self.group, name, np.ascontiguousarray(obj))
+            return {"t": "ndarray", "dtype": obj.dtype.str, "shape": list(obj.shape), "ds": name}
+        if isinstance(obj, dict):  # OrderedDict comes back as a plain dict (same order)
+            items = []
+            for key, value in obj.items():
+                key_node = self._key(key, where)
+                sub = f"{where}.{key}" if where else str(key)
+                items.append([key_node, self.encode(value, sub)])
+            return {"t": "dict", "items": items}
+        if type(obj) is list:
+            return {"t": "list", "items": [self.encode(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]}
+        if type(obj) is tuple or isinstance(obj, torch.Size):
+            return {"t": "tuple", "items": [self.encode(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]}
+        raise TypeError(f"cannot store {type(obj).__name__} at {where or 'the root'!r} in a checkpoint "
+                        "(supported: dict, list, tuple, tensor, ndarray, int, float, bool, None, str, bytes)")
+
+    def _key(self, key, where: str):
+        if isinstance(key, (str, int, float, bytes)) or key is None or isinstance(key, tuple):
+            node = self.encode(key, "")
+            if node["t"] in ("tensor", "ndarray"):  # pragma: no cover - excluded above
+                raise TypeError("tensor dict keys are not supported")
+            return node
+        raise TypeError(f"cannot store dict key {key!r} ({type(key).__name__}) at {where or 'the root'!r}")
+
+
+def write_tree(group: h5py.Group, obj) -> None:
+    """Store a nested dict/list/tuple of tensors, arrays and Python scalars in ``group``.
+
+    Key types, container types, scalar values (floats bit-exact) and tensor dtypes/shapes
+    are kept exactly; tensors come back on the CPU.
+    """
+    writer = _Writer(group)
+    structure = writer.encode(obj, "")
+    write_json(group, TREE_DATASET, {"tree": 1, "root": structure})
+
+
+class _Reader:
+    def __init__(self, group: h5py.Group, path: str):
+        self.group = group
+        self.path = path
+
+    def _fail(self, msg: str):
+        raise CheckpointError(f"{self.path}:{self.group.name}: {msg}")
+
+    def _dataset(self, node, np_dtype: np.dtype, shape: tuple) -> np.ndarray:
+        name = node["ds"]
+        if not isinstance(name, str) or name not in self.group:
+            self._fail(f"dataset {name!r} missing (incomplete file)")
+        ds = self.group[name]
+        if not isinstance(ds, h5py.Dataset):
+            self._fail(f"{name!r} is not a dataset")
+        stored_dtype = np.dtype(np.uint8) if np_dtype == np.bool_ else np_dtype
+        if tuple(ds.shape or ()) != shape or ds.dtype != stored_dtype:
+            self._fail(f"dataset {name!r} has shape {ds.shape} dtype {ds.dtype}, expected {shape} {np_dtype} (corrupted)")
+        data = read_array(self.group, name, self.path)
+        if data.dtype != np_dtype or data.shape != shape:
+            self._fail(f"dataset {name!r} read back as {data.dtype} {data.shape}, expected {np_dtype} {shape} (corrupted)")
+        return data
+
+    def decode(self, node):
+        if not isinstance(node, dict):
+            self._fail("malformed structure")
+        t = node["t"]
+        if t == "none":
+            return None
+        if t == "bool":
+            return _exact(node["v"], bool)
+        if t == "int":
+            return _exact(node["v"], int)
+        if t == "float":
+            return _bits_float(_exact(node["bits"], str))
+        if t == "str":
+            return _exact(node["v"], str)
+        if t == "bytes":
+            return bytes.fromhex(_exact(node["hex"], str))
+        if t == "tensor":
+            dtype = _torch_dtype(node["dtype"])
+            shape = tuple(_exact(d, int) for d in node["shape"])
+            if node["raw"]:
+                raw_dtype = _RAW_VIEW[torch.empty(0, dtype=dtype).element_size()]
+                data = self._dataset(node, torch.empty(0, dtype=raw_dtype).numpy().dtype, shape)
+                return torch.from_numpy(data.copy()).view(dtype)
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            return torch.from_numpy(self._dataset(node, np_dtype, shape).copy())
+        if t == "ndarray":
+            shape = tuple(_exact(d, int) for d in node["shape"])
+            return self._dataset(node, np.dtype(node["dtype"]), shape).copy()
+        if t == "npscalar":
+            dtype = np.dtype(node["dtype"])
+            raw = bytes.fromhex(node["hex"])
+            if len(raw) != dtype.itemsize:
+                self._fail("malformed numpy scalar")
+            return np.frombuffer(raw, dtype=dtype)[0]
+        if t == "dict":
+            out = {}
+            for key_node, value_node in node["items"]:
+                key = self.decode(key_node)
+                if key in out:
+                    self._fail(f"duplicate key {key!r}")
+                out[key] = self.decode(value_node)
+            return out
+        if t == "list":
+            return [self.decode(v) for v in node["items"]]
+        if t == "tuple":
+            return tuple(self.decode(v) for v in node["items"])
+        self._fail(f"unknown node type {t!r}")
+
+
+def _exact(value, tp):
+    if type(value) is not tp:
+        raise ValueError(f"expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def read_tree(group: h5py.Group, path: str = ""):
+    """Read a tree written by :func:`write_tree`, verifying every checksum, dtype and shape."""
+    where = f"{path}:{group.name}"
+    doc = read_json(group, TREE_DATASET, path)
+    if not isinstance(doc, dict) or doc.get("tree") != 1 or "root" not in doc:
+        raise CheckpointError(f"{where}: malformed tree structure")
+    try:
+        return _Reader(group, path).decode(doc["root"])
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, struct.error) as exc:
+        raise CheckpointError(f"{where}: malformed tree structure ({type(exc).__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------- checkpoints
+@dataclasses.dataclass
+class Checkpoint:
+    """Everything one checkpoint holds; tensors are on the CPU."""
+
+    step: int
+    epoch: int
+    config_toml: str
+    params: dict
+    buffers: dict
+    masks: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    metrics: list
+    extra: dict
+    path: str = ""
+    format_version: int = FORMAT_VERSION
+    zohpc_version: str = ""
+
+
+def _check_tensor_dict(name: str, d) -> None:
+    if not isinstance(d, dict):
+        raise TypeError(f"save_checkpoint: {name} must be a dict of tensors, got {type(d).__name__}")
+    for key, value in d.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"save_checkpoint: {name} must map str to torch.Tensor (bad entry {key!r})")
+
+
+def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, params: dict, buffers: dict,
+                    masks: dict, optimizer: dict, scheduler: dict, rng: dict, metrics: list,
+                    extra: dict | None = None) -> str:
+    """Write a checkpoint atomically (temporary name, fsync, rename); return ``path``.
+
+    Programming mistakes (unsupported types) raise TypeError; an unwritable location
+    raises CheckpointError naming the path.
+    """
+    for name, d in (("params", params), ("buffers", buffers), ("masks", masks)):
+        _check_tensor_dict(name, d)
+    extra = {} if extra is None else extra
+    meta = {"zohpc_version": __version__, "step": int(step), "epoch": int(epoch), "config": str(config_toml)}
+    try:
+        metrics_text = json.dumps(list(metrics), ensure_ascii=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_checkpoint: metrics must be JSON-serialisable records ({exc})") from None
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    # atomic_h5 writes and fsyncs the HDF5 part under a temporary name; the trailer is
+    # appended to that temporary before the final rename, so ``path`` appears complete.
+    staged = os.path.join(directory, f".{base}.tmp-{os.getpid()}")
+    try:
+        with atomic_h5(staged, FORMAT_NAME, FORMAT_VERSION) as fh:
+            fh.attrs["zohpc_version"] = meta["zohpc_version"]
+            fh.attrs["step"] = meta["step"]
+            fh.attrs["epoch"] = meta["epoch"]
+            fh.attrs["config"] = meta["config"]
+            write_json(fh, "meta", meta)
+            for name, tree in (("params", params), ("buffers", buffers), ("masks", masks),
+                               ("optimizer", optimizer), ("scheduler", scheduler), ("rng", rng),
+                               ("extra", extra)):
+                write_tree(fh.create_group(name), tree)
+            write_array(fh.create_group("metrics"), "records", np.bytes_(metrics_text.encode("ascii")))
+        append_trailer(staged)
+        os.replace(staged, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint ({exc})") from None
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+    return path
+
+
+def _attr_matches(fh, key: str, expected) -> bool:
+    if key not in fh.attrs:
+        return False
+    value = fh.attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(expected, str):
+        return isinstance(value, str) and value == expected
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and int(value) == expected
+
+
+def _load(path: str) -> Checkpoint:
+    verify_trailer(path, "zohpc checkpoint")
+    fh = open_verified(path, FORMAT_NAME, FORMAT_VERSION)
+    with fh:
+        version = int(fh.attrs["format_version"])
+        for group in (*_TREE_GROUPS, "metrics"):
+            if group not in fh or not isinstance(fh[group], h5py.Group):
+                raise CheckpointError(f"{path}: group '{group}/' missing (incomplete or foreign file)")
+        meta = read_json(fh, "meta", path)
+        if not isinstance(meta, dict) or type(meta.get("step")) is not int or type(meta.get("epoch")) is not int \
+                or not isinstance(meta.get("config"), str) or not isinstance(meta.get("zohpc_version"), str):
+            raise CheckpointError(f"{path}:/meta: malformed metadata")
+        for key in ("step", "epoch", "config", "zohpc_version"):
+            if not _attr_matches(fh, key, meta[key]):
+                raise CheckpointError(f"{path}: root attribute '{key}' disagrees with the checksummed metadata (corrupted file)")
+        trees = {name: read_tree(fh[name], path) for name in _TREE_GROUPS}
+        metrics = read_json(fh["metrics"], "records", path)
+    if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
+        raise CheckpointError(f"{path}:/metrics/records: expected a list of records")
+    for name in ("params", "buffers", "masks"):
+        d = trees[name]
+        if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()):
+            raise CheckpointError(f"{path}:/{name}: expected a dict of named tensors")
+    for name in ("optimizer", "scheduler", "rng", "extra"):
+        if not isinstance(trees[name], dict):
+            raise CheckpointError(f"{path}:/{name}: expected a dict")
+    return Checkpoint(step=meta["step"], epoch=meta["epoch"], config_toml=meta["config"], metrics=metrics,
+                      path=path, format_version=version, zohpc_version=meta["zohpc_version"], **trees)
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Load and fully verify a checkpoint; any problem is one CheckpointError line naming ``path``."""
+    path = os.fspath(path)
+    try:
+        return _load(path)
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{path}: corrupted file (a dataset claims an impossible size)") from None
+    except Exception as exc:  # noqa: BLE001 - damaged bytes surface as many h5py/numpy/json types
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{path}: corrupted or unreadable checkpoint ({type(exc).__name__}: {msg})") from None
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise CheckpointError unless ``path`` loads completely (e.g. right after writing it)."""
+    load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- run directories
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(os.fspath(run_dir), "checkpoints")
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir(run_dir), f"ckpt-{int(step):08d}.h5")
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step in a checkpoint file name, or None for any other name (temporaries included)."""
+    m = _CKPT_RE.match(os.path.basename(os.fspath(path)))
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint files of a run, newest (highest step) first; temporaries never appear."""
+    directory = checkpoint_dir(run_dir)
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        step = checkpoint_step(name)
+        full = os.path.join(directory, name)
+        if step is not None and os.path.isfile(full):
+            found.append((step, full))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [full for _, full in found]
+
+
+def _default_warn(message: str) -> None:
+    print(f"zohpc: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(exc: CheckpointError, path: str) -> str:
+    text = str(exc)
+    return text[len(path) + 2:] if text.startswith(path + ": ") else text
+
+
+def find_resumable(run_dir: str, warn: Callable[[str], None] | None = None) -> tuple[str, Checkpoint] | None:
+    """The newest checkpoint of ``run_dir`` that verifies, warning about each one skipped."""
+    warn = warn or _default_warn
+    for path in list_checkpoints(run_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"checkpoint {path}: {_reason(exc, path)}; skipping")
+    return None
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints (by step); return the removed paths."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    removed = []
+    for path in list_checkpoints(run_dir)[keep:]:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def resolve_resume(spec: str | None, run_dir: str, warn: Callable[[str], None] | None = None
+                   ) -> tuple[str, Checkpoint] | None:
+    """Interpret ``--resume``: None/'' -> None (fresh start); 'auto' -> newest good checkpoint of
+    ``run_dir`` or None; a directory -> its newest good checkpoint (error if none); a file ->
+    that checkpoint (CheckpointError if it does not verify)."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return find_resumable(run_dir, warn)
+    if os.path.isdir(spec):
+        found = find_resumable(spec, warn)
+        if found is None:
+            raise CheckpointError(f"--resume {spec}: no usable checkpoint in {checkpoint_dir(spec)}")
+        return found
+    if not os.path.exists(spec):
+        raise CheckpointError(f"--resume {spec}: no such file")
+    return spec, load_checkpoint(spec)
+
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "write_tree", "read_tree", "write_json", "read_json",
+    "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoint_dir", "checkpoint_path",
+    "checkpoint_step", "list_checkpoints", "find_resumable", "prune_checkpoints", "resolve_resume",
+]
