@@ -1,0 +1,367 @@
+"""Pruning at initialization: ZO-GraSP (loss values only), GraSP (autograd), random, magnitude.
+
+The result is a set of coordinate masks (see :mod:`zohpc.masks`: True = active, only
+conv/linear weights masked) whose per-layer sparsity ratios drive DeepZero's layer-wise
+random sparse CGE. ``python -m zohpc.prune`` writes them to an HDF5 mask file.
+
+GraSP (Wang et al., 2020) scores each weight by ``S = -theta * (H g)`` (``g`` the loss
+gradient, ``H`` the Hessian) and removes the weights with the HIGHEST ``S``: removing them
+reduces the gradient flow ``g^T g`` least (or increases it). Equivalently it keeps the
+lowest ``S``, so the importance handed to :func:`zohpc.masks.masks_from_scores` (higher =
+keep) is ``-S = theta * Hg``.
+
+ZO-GraSP (DeepZero) estimates ``g`` and ``Hg`` from loss values with RGE:
+``g0 = RGE(theta)``, ``g1 = RGE(theta + mu * g0)``, ``Hg ~ (g1 - g0) / mu``.
+RGE here: ``q`` directions ``u_j = z_j / ||z_j||`` with ``z_j ~ N(0, I_d)`` over ALL ``d``
+parameters (biases and BatchNorm too), and
+
+    RGE(x) = (d / q) * sum_j (f(x + mu u_j) - f(x)) / mu * u_j,
+
+the ``d / q`` factor making it an (as mu -> 0) unbiased gradient estimate, since
+``E[u u^T] = I / d``; so ZO and autograd scores are on the same scale. The SAME directions
+serve ``g0`` and ``g1`` (common random numbers): ``g1 - g0`` then only carries the change of
+the directional derivatives, not the sampling noise of two independent direction sets, and
+the mu^2 curvature bias of the forward difference cancels to first order.
+Cost: ``2 (q + 1)`` loss evaluations on the pruning batch.
+
+Our ``grasp`` is the first-order reference of exactly that quantity: ``g`` and ``Hg`` over
+all parameters by autograd, plain cross entropy (the original GraSP code differentiates
+the weights only and divides the logits by a temperature of 200; with loss values only that
+would push the differences below float32 resolution).
+
+Pruning batch: ``prune.samples_per_class`` training examples of each class, chosen by a
+seeded permutation (GraSP's reference code uses 25 per class). Losses use BatchNorm in
+training mode (batch statistics) on a private copy of the model with running statistics
+switched off, so the caller's model (parameters and buffers) is never modified.
+
+Distribution: every rank draws direction ``j`` from its own generator seeded by
+:func:`direction_seed(seed, j) <direction_seed>`; rank ``r`` evaluates a contiguous block of
+the ``q`` perturbed losses (rank 0 also the unperturbed one) and ``Comm.allgatherv``
+collects the loss values only. Every rank then forms the same estimate; the driver's final
+masks are broadcast so all ranks return identical masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+from .masks import layer_ratios, maskable_names, masks_from_scores, write_mask_file
+
+METHODS = ("zo_grasp", "grasp", "random", "magnitude")
+
+
+# ---------------------------------------------------------------------------- data
+def select_prune_batch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                       samples_per_class: int, seed: int):
+    """``samples_per_class`` examples of each class, drawn from ``seed``
+    (:func:`zohpc.data.class_balanced_indices`), grouped by class.
+
+    A class with fewer examples contributes all it has; no examples at all is a DataError.
+    """
+    from .data import class_balanced_indices
+
+    idx = class_balanced_indices(train_y.reshape(-1), int(samples_per_class), int(seed), int(num_classes))
+    if idx.numel() == 0:
+        raise DataError("training data has no examples to prune with")
+    return train_x[idx.to(train_x.device)], train_y.reshape(-1)[idx.to(train_y.device)]
+
+
+def _hash_seed(tag: str, *values) -> int:
+    text = ":".join([tag, *(str(int(v)) for v in values)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def direction_seed(seed: int, j: int) -> int:
+    """Seed of RGE direction ``j``: sha256 of ``"zohpc-rge-direction:{seed}:{j}"`` (63 bits)."""
+    return _hash_seed("zohpc-rge-direction", seed, j)
+
+
+def rge_direction(seed: int, j: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Unit direction ``j``: float64 ``z ~ N(0, I_d)`` from its own generator, ``z / ||z||``, then cast.
+
+    Drawn in float64 so float32 and float64 runs use the same directions.
+    """
+    gen = torch.Generator().manual_seed(direction_seed(seed, j))
+    z = torch.randn(d, generator=gen, dtype=torch.float64)
+    z /= torch.linalg.vector_norm(z)
+    return z.to(dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------- losses
+class LossOracle:
+    """``f(flat_params)`` on a fixed batch, on a private copy of the model (BN batch stats, no updates).
+
+    The loss is the mean cross entropy, per-example losses summed in float64 (this keeps
+    rounding noise of the loss below the tiny second differences ZO-GraSP takes).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        self.net = copy.deepcopy(model)
+        self.net.train()
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False  # batch statistics, running buffers untouched
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        p0 = next(self.net.parameters())
+        self.dtype, self.device = p0.dtype, p0.device
+        self.x = x.to(device=self.device, dtype=self.dtype)
+        self.y = y.to(device=self.device)
+        self.names = [n for n, _ in self.net.named_parameters()]
+        self.shapes = [p.shape for p in self.net.parameters()]
+        self.theta = torch.cat([p.detach().reshape(-1) for p in self.net.parameters()]).clone()
+        self.d = self.theta.numel()
+        self.evaluations = 0
+
+    def _set(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.net.parameters():
+            n = p.numel()
+            p.data = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def loss_of_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, self.y, reduction="none").double().mean()
+
+    @torch.no_grad()
+    def __call__(self, flat: torch.Tensor) -> float:
+        self._set(flat)
+        self.evaluations += 1
+        return float(self.loss_of_logits(self.net(self.x)))
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = shape.numel()
+            out[name] = flat[offset:offset + n].reshape(shape)
+            offset += n
+        return out
+
+
+def _shard(q: int, size: int) -> list[int]:
+    return [q // size + (1 if r < q % size else 0) for r in range(size)]
+
+
+def _world(comm):
+    if comm is None:
+        from .comm import world
+
+        comm = world()
+    return comm
+
+
+def rge_losses(oracle: LossOracle, base: torch.Tensor, queries: int, mu: float, seed: int, comm=None):
+    """``(f(base), [f(base + mu u_j)]_j)``, the q directions sharded over the ranks.
+
+    Rank r evaluates the contiguous block ``[sum(counts[:r]), sum(counts[:r+1]))``; rank 0
+    also the unperturbed loss. One ``allgatherv`` of float64 loss values gives all of them
+    to every rank.
+    """
+    comm = _world(comm)
+    counts = _shard(queries, comm.size)
+    start = sum(counts[:comm.rank])
+    local = []
+    if comm.rank == 0:
+        local.append(oracle(base))
+    for j in range(start, start + counts[comm.rank]):
+        u = rge_direction(seed, j, oracle.d, oracle.dtype, oracle.device)
+        local.append(oracle(base + mu * u))
+    counts[0] += 1
+    values = comm.allgatherv(torch.tensor(local, dtype=torch.float64), counts)
+    return float(values[0]), values[1:]
+
+
+def _combine(oracle: LossOracle, coeffs: torch.Tensor, seed: int) -> torch.Tensor:
+    """``(d / q) * sum_j coeffs[j] * u_j`` (float64 accumulation), directions regenerated."""
+    q = coeffs.numel()
+    acc = torch.zeros(oracle.d, dtype=torch.float64, device=oracle.device)
+    for j in range(q):
+        acc += float(coeffs[j]) * rge_direction(seed, j, oracle.d, torch.float64, oracle.device)
+    return (acc * (oracle.d / q)).to(oracle.dtype)
+
+
+def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int = 192, mu: float = 5e-3,
+                seed: int = 0, comm=None):
+    """ZO estimates ``(g0, Hg)`` over all parameters, as dicts name -> tensor (see the module docstring)."""
+    oracle = LossOracle(model, x, y)
+    theta = oracle.theta
+    f0, fp = rge_losses(oracle, theta, queries, mu, seed, comm)
+    d0 = (fp - f0) / mu  # directional differences at theta
+    g0 = _combine(oracle, d0, seed)
+    f1, fq = rge_losses(oracle, theta + mu * g0, queries, mu, seed, comm)
+    d1 = (fq - f1) / mu
+    hg = _combine(oracle, (d1 - d0) / mu, seed)  # (g1 - g0) / mu with the same directions
+    return oracle.unflatten(g0), oracle.unflatten(hg)
+
+
+def grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Autograd ``(g, Hg)`` over all parameters, on the same loss as :func:`zo_grasp_hg`."""
+    oracle = LossOracle(model, x, y)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in oracle.net.named_parameters()}
+    loss = oracle.loss_of_logits(torch.func.functional_call(oracle.net, params, (oracle.x,)))
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    z = sum((g.detach() * g).sum() for g in grads)
+    hg = torch.autograd.grad(z, list(params.values()))
+    names = list(params)
+    return ({n: g.detach() for n, g in zip(names, grads)}, {n: h.detach() for n, h in zip(names, hg)})
+
+
+def grasp_scores(model: nn.Module, hg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GraSP's score ``S = -theta * Hg`` per maskable weight (HIGHEST S is removed)."""
+    params = dict(model.named_parameters())
+    return {n: -(params[n].detach() * hg[n].to(params[n].device).reshape(params[n].shape)) for n in maskable_names(model)}
+
+
+def importance_scores(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, prune_cfg, seed: int,
+                      comm=None) -> dict[str, torch.Tensor]:
+    """Per-maskable-weight importance (higher = keep) for ``method``."""
+    params = dict(model.named_parameters())
+    names = maskable_names(model)
+    if method in ("zo_grasp", "grasp"):
+        if method == "zo_grasp":
+            _, hg = zo_grasp_hg(model, x, y, prune_cfg.queries, prune_cfg.mu, seed, comm)
+        else:
+            _, hg = grasp_hg(model, x, y)
+        return {n: -s for n, s in grasp_scores(model, hg).items()}  # keep the lowest S
+    if method == "magnitude":
+        return {n: params[n].detach().abs() for n in names}
+    if method == "random":
+        gen = torch.Generator().manual_seed(_hash_seed("zohpc-random-prune", seed))
+        return {n: torch.rand(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
+    raise ConfigError(f"config key 'prune.method': {method!r} is not one of {', '.join(METHODS)}")
+
+
+def _bcast_masks(masks: dict[str, torch.Tensor], comm) -> dict[str, torch.Tensor]:
+    if comm.size == 1 or not masks:
+        return masks
+    flat = torch.cat([m.reshape(-1) for m in masks.values()]).to(torch.uint8).cpu().contiguous()
+    comm.bcast_(flat, 0)
+    out, offset = {}, 0
+    for n, m in masks.items():
+        out[n] = flat[offset:offset + m.numel()].bool().reshape(m.shape)
+        offset += m.numel()
+    return out
+
+
+def prune_masks(model: nn.Module, method: str, sparsity: float, data_splits, prune_cfg, seed: int, comm=None):
+    """Masks at initialization for ``model``: ``(masks, ratios)``, identical on every rank.
+
+    ``data_splits`` needs ``train_x``, ``train_y`` and ``num_classes``; the pruning batch is
+    :func:`select_prune_batch` with ``prune_cfg.samples_per_class``. Global pruning to
+    ``round(sparsity * total)`` inactive coordinates (see :func:`zohpc.masks.masks_from_scores`).
+    The model is not modified.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"config key 'prune.sparsity': {sparsity!r} is out of range (must be in [0, 1))")
+    comm = _world(comm)
+    x, y = select_prune_batch(data_splits.train_x, data_splits.train_y, data_splits.num_classes,
+                              prune_cfg.samples_per_class, seed)
+    scores = importance_scores(model, method, x, y, prune_cfg, seed, comm)
+    masks, _ = masks_from_scores(scores, sparsity)
+    masks = _bcast_masks(masks, comm)
+    return masks, layer_ratios(masks)
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zohpc.prune", description="Prune at initialization and write an HDF5 mask file.")
+    p.add_argument("--config", metavar="FILE", help="TOML config (defaults: the embedded digits run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set prune.queries=64)")
+    p.add_argument("--method", metavar="M", help="zo_grasp | grasp | random | magnitude (default: prune.method)")
+    p.add_argument("--sparsity", metavar="S", type=float, help="global sparsity in [0, 1) (default: prune.sparsity)")
+    p.add_argument("--out", metavar="FILE.h5", required=True, help="mask file to write (atomically)")
+    p.add_argument("--seed", metavar="N", type=int, help="seed of the pruning batch and directions (default: train.seed)")
+    return p
+
+
+def _setup(args):
+    """Config and path checks (run on every rank through Comm.agree)."""
+    from .config import load_config, validate
+
+    cfg = load_config(args.config, args.overrides)
+    if args.method is not None:
+        cfg.prune.method = args.method
+    if args.sparsity is not None:
+        cfg.prune.sparsity = args.sparsity
+    validate(cfg)
+    if cfg.prune.method not in METHODS:
+        raise ConfigError(f"config key 'prune.method': {cfg.prune.method!r} cannot write masks (use one of {', '.join(METHODS)})")
+    seed = cfg.train.seed if args.seed is None else args.seed
+    if seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, got {seed}")
+    out = args.out
+    if not out or os.path.isdir(out):
+        raise ConfigError(f"--out '{out}': must name a file, not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out '{out}': directory '{probe}' is not writable")
+    return cfg, seed
+
+
+def _load(cfg):
+    from .data import load_data
+
+    return load_data(cfg.data, cfg.train.seed)
+
+
+def format_ratio_table(model: nn.Module, masks: dict[str, torch.Tensor], ratios: dict[str, float]) -> str:
+    width = max([len("layer")] + [len(n) for n in masks])
+    lines = [f"{'layer':<{width}}  {'shape':<18} {'numel':>8} {'active':>8} {'sparsity':>8}"]
+    total = inactive = 0
+    for n, m in masks.items():
+        shape = "x".join(str(s) for s in m.shape)
+        act = int(m.sum())
+        total += m.numel()
+        inactive += m.numel() - act
+        lines.append(f"{n:<{width}}  {shape:<18} {m.numel():>8} {act:>8} {ratios[n]:>8.4f}")
+    lines.append(f"{'total':<{width}}  {'':<18} {total:>8} {total - inactive:>8} {inactive / max(1, total):>8.4f}")
+    return "\n".join(lines)
+
+
+def run(comm, argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, seed = comm.agree(_setup, args)
+    comm.set_threads()
+    device = comm.agree(comm.bind_device, cfg.train.device)
+    splits = comm.agree(_load, cfg)
+    from .models import build_model
+
+    # Same initialization as training: the trainer seeds torch.manual_seed(train.seed) right before build_model.
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes).to(device)
+    masks, ratios = prune_masks(model, cfg.prune.method, cfg.prune.sparsity, splits, cfg.prune, seed, comm)
+    if comm.is_driver:
+        extra = {"data": cfg.data.name, "train_seed": cfg.train.seed, "queries": cfg.prune.queries,
+                 "mu": cfg.prune.mu, "samples_per_class": cfg.prune.samples_per_class, "ranks": comm.size}
+        write_mask_file(args.out, model_name=cfg.model.name, masks=masks, method=cfg.prune.method, seed=seed,
+                        sparsity=cfg.prune.sparsity, ratios=ratios, extra=extra)
+        print(f"{cfg.prune.method} masks for {cfg.model.name} at sparsity {cfg.prune.sparsity} "
+              f"(seed {seed}, {comm.size} rank(s)):")
+        print(format_ratio_table(model, masks, ratios))
+        print(f"wrote {args.out}")
+        sys.stdout.flush()
+    comm.barrier()
+    return 0
+
+
+def main(argv=None) -> None:
+    from .comm import run_main
+
+    run_main(lambda comm: run(comm, argv), "zohpc.prune")
+
+
+if __name__ == "__main__":
+    main()
