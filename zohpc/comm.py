@@ -185,6 +185,12 @@ def world() -> Comm:
     return _WORLD
 
 
+def _say(text: str) -> None:
+    """One write per message, so lines from several ranks sharing a pipe do not interleave."""
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
 def run_main(fn, prog: str = "zohpc") -> None:
     """Run an entry point; user errors exit 2 on every rank, anything else aborts the job.
 
@@ -198,13 +204,12 @@ def run_main(fn, prog: str = "zohpc") -> None:
     except SystemExit:
         raise
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"{prog}: error: {exc}")
         if comm.size == 1 or getattr(exc, "agreed", False):
             sys.exit(EXIT_USER_ERROR)
         comm.abort(EXIT_USER_ERROR)
     except BaseException as exc:  # noqa: BLE001 - the job must not hang on any error
         tb = traceback.format_exc()
-        print(f"{prog}: rank {comm.rank}/{comm.size}: fatal {type(exc).__name__}: {exc}\n{tb}",
-              file=sys.stderr, flush=True)
+        _say(f"{prog}: rank {comm.rank}/{comm.size}: fatal {type(exc).__name__}: {exc}\n{tb}")
         comm.abort(EXIT_ABORT if not isinstance(exc, KeyboardInterrupt) else 130)
     sys.exit(code or 0)

@@ -20,11 +20,14 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from .zo import Coordinates, QueryEngine, cge
 
 
-def balanced_bounds(counts: list[int], costs: list[float], parts: int) -> list[int]:
+def balanced_bounds(counts: list[int], costs: list[float], parts: int, granule: int = 1) -> list[int]:
     """Split the global coordinate order into ``parts`` contiguous runs of equal total cost.
 
     Coordinate k of parameter p costs ``costs[p]``; returns ``parts + 1`` boundaries.
-    Pure and deterministic, so every rank computes the same layout from the same costs.
+    Boundaries fall on multiples of ``granule`` from the start of a parameter: with
+    ``granule = query_batch`` every query is evaluated in the same stacked group whatever
+    the layout, so the gradient is bit-identical for any number of ranks and any measured
+    costs (a resumed run re-measures them). Pure and deterministic.
     """
     weights = [max(float(c), 1e-12) for c in costs]
     total = sum(n * w for n, w in zip(counts, weights))
@@ -41,7 +44,7 @@ def balanced_bounds(counts: list[int], costs: list[float], parts: int) -> list[i
         if p == len(counts):
             bounds.append(n_total)
             continue
-        inside = int(round((target - acc) / weights[p]))
+        inside = int(round((target - acc) / weights[p] / granule)) * granule
         bounds.append(max(bounds[-1], min(n_total, start + min(inside, counts[p]))))
     bounds.append(n_total)
     return bounds
@@ -106,7 +109,8 @@ class DistributedCGE:
     def set_coords(self, coords: Coordinates, costs: list[float]) -> None:
         self.coords = coords
         self.costs = list(costs)
-        self.bounds = balanced_bounds(list(coords.counts), self.costs, self.comm.size)
+        granule = self.engine.query_batch if self.difference == "forward" else max(1, self.engine.query_batch // 2)
+        self.bounds = balanced_bounds(list(coords.counts), self.costs, self.comm.size, granule)
 
     @property
     def shard(self) -> tuple[int, int]:

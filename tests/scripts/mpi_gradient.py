@@ -14,14 +14,15 @@ from zohpc.zo import Coordinates, QueryEngine
 
 def main(comm):
     model_name, features, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    shape = (1, 8, 8) if model_name == "digits_cnn" else (3, 16, 16)
+    shape = (1, 8, 8) if model_name == "digits_cnn" else (3, 8, 8)
     torch.manual_seed(0)
     model = build_model(model_name, shape, 10)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(16, *shape, generator=gen)
-    y = torch.randint(0, 10, (16,), generator=gen)
+    x = torch.randn(8, *shape, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
     shapes = {n: p.shape for n, p in model.named_parameters() if n in maskable_names(model)}
-    masks = layerwise_random_masks(shapes, {n: 0.5 for n in maskable_names(model)}, 0, 0)
+    sparsity = 0.5 if model_name == "digits_cnn" else 0.995
+    masks = layerwise_random_masks(shapes, {n: sparsity for n in maskable_names(model)}, 0, 0)
     coords = Coordinates(model, masks)
     engine = QueryEngine(model, query_batch=5)
     proto = DistributedCGE(comm, model, engine, mu=5e-3, features=features)
