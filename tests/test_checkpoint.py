@@ -284,12 +284,12 @@ def test_foreign_non_hdf5_and_missing_files(tmp_path):
     with h5py.File(foreign, "w") as fh:
         fh["data"] = np.arange(10)
         fh.attrs["format"] = "something-else"
-    with pytest.raises(CheckpointError, match="not a zohpc checkpoint file.*something-else"):
+    with pytest.raises(CheckpointError, match="not a zohpc-checkpoint file.*something-else"):
         load_checkpoint(foreign)
     plain = str(tmp_path / "plain.h5")
     with h5py.File(plain, "w") as fh:
         fh["x"] = 1
-    with pytest.raises(CheckpointError, match="plain.h5: not a zohpc checkpoint"):
+    with pytest.raises(CheckpointError, match="plain.h5: not a zohpc-checkpoint"):
         load_checkpoint(plain)
     with pytest.raises(CheckpointError, match="not an HDF5 file"):
         load_checkpoint(write_bytes(tmp_path / "text.h5", b"hello, this is not HDF5 at all\n" * 10))

@@ -259,15 +259,17 @@ def summarize_mask_file(path: str) -> dict:
 
 
 def _hdf5_format(path: str) -> str:
-    """The ``format`` attribute of an HDF5 file, without exposing a damaged checkpoint to HDF5."""
-    from .checkpoint import FORMAT_NAME, TRAILER_PREFIX, TRAILER_SIZE
+    """The ``format`` attribute of an HDF5 file, without exposing a damaged zohpc file to HDF5."""
+    from .h5util import TRAILER_PREFIX, TRAILER_SIZE, verify_trailer
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
+        sealed = False
         if size >= TRAILER_SIZE:
             fh.seek(size - TRAILER_SIZE)
-            if fh.read(TRAILER_SIZE).startswith(TRAILER_PREFIX):
-                return FORMAT_NAME  # sealed checkpoint: load_checkpoint verifies it before HDF5 sees it
+            sealed = fh.read(TRAILER_SIZE).startswith(TRAILER_PREFIX)
+    if sealed:  # a zohpc file: its whole-file checksum must hold before HDF5 reads it
+        verify_trailer(path, "zohpc file")
     import h5py
 
     try:

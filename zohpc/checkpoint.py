@@ -25,7 +25,6 @@ metadata, so no byte of a checkpoint reaches it before the whole file is verifie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,9 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
-from .h5util import atomic_h5, fsync_dir, open_verified, read_array, write_array
+from .h5util import (  # noqa: F401 - trailer names re-exported for users of this module
+    TRAILER_PREFIX, TRAILER_SIZE, append_trailer, atomic_h5, open_verified, read_array, verify_trailer, write_array,
+)
 
 FORMAT_NAME = "zohpc-checkpoint"
 FORMAT_VERSION = 1
@@ -47,79 +48,6 @@ FORMAT_VERSION = 1
 TREE_DATASET = "__tree__"
 _TREE_GROUPS = ("params", "buffers", "masks", "optimizer", "scheduler", "rng", "extra")
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
-
-
-# --------------------------------------------------------------------------- whole-file trailer
-TRAILER_PREFIX = b"\nzohpc-sha256:"
-TRAILER_SIZE = len(TRAILER_PREFIX) + 64 + 1
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _file_sha256(fh, length: int) -> str:
-    digest = hashlib.sha256()
-    remaining = length
-    while remaining > 0:
-        block = fh.read(min(remaining, 1 << 22))
-        if not block:
-            break
-        digest.update(block)
-        remaining -= len(block)
-    return digest.hexdigest()
-
-
-def append_trailer(path: str) -> None:
-    """Append the whole-file SHA-256 trailer to a finished HDF5 file and fsync it."""
-    with open(path, "rb+") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        hexdigest = _file_sha256(fh, size)
-        fh.seek(size)
-        fh.write(TRAILER_PREFIX + hexdigest.encode("ascii") + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def verify_trailer(path: str, format_name: str = "zohpc checkpoint") -> None:
-    """Check the trailer before any HDF5 call; CheckpointError names the file and the problem."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
-            if size == 0:
-                raise CheckpointError(f"{path}: empty file")
-            if head != HDF5_SIGNATURE:
-                raise CheckpointError(f"{path}: not an HDF5 file")
-            trailer = b""
-            if size >= TRAILER_SIZE:
-                fh.seek(size - TRAILER_SIZE)
-                trailer = fh.read(TRAILER_SIZE)
-            if not (trailer.startswith(TRAILER_PREFIX) and trailer.endswith(b"\n")):
-                _diagnose_no_trailer(path, format_name)
-            expected = trailer[len(TRAILER_PREFIX):-1]
-            fh.seek(0)
-            actual = _file_sha256(fh, size - TRAILER_SIZE).encode("ascii")
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if actual != expected:
-        raise CheckpointError(f"{path}: checksum mismatch (corrupted file)")
-
-
-def _diagnose_no_trailer(path: str, format_name: str) -> None:
-    """No trailer: a foreign HDF5 file, or one of ours cut short. Both end in CheckpointError.
-
-    Only an intact file can lack a trailer and still open, so asking HDF5 is safe here:
-    a truncated file fails its end-of-file check cleanly.
-    """
-    try:
-        with h5py.File(path, "r") as fh:
-            found = fh.attrs.get("format", "")
-            found = found.decode() if isinstance(found, bytes) else str(found)
-    except Exception:  # noqa: BLE001 - any failure means damaged
-        raise CheckpointError(f"{path}: truncated or damaged HDF5 file (checksum trailer missing)") from None
-    if found != FORMAT_NAME:
-        raise CheckpointError(f"{path}: not a {format_name} file (format attribute is {found or 'missing'!r})")
-    raise CheckpointError(f"{path}: truncated or damaged {format_name} (checksum trailer missing)")
 
 
 # --------------------------------------------------------------------------- JSON text
@@ -408,12 +336,8 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
     except (TypeError, ValueError) as exc:
         raise TypeError(f"save_checkpoint: metrics must be JSON-serialisable records ({exc})") from None
     path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    # atomic_h5 writes and fsyncs the HDF5 part under a temporary name; the trailer is
-    # appended to that temporary before the final rename, so ``path`` appears complete.
-    staged = os.path.join(directory, f".{base}.tmp-{os.getpid()}")
     try:
-        with atomic_h5(staged, FORMAT_NAME, FORMAT_VERSION) as fh:
+        with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION) as fh:
             fh.attrs["zohpc_version"] = meta["zohpc_version"]
             fh.attrs["step"] = meta["step"]
             fh.attrs["epoch"] = meta["epoch"]
@@ -424,14 +348,8 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
                                ("extra", extra)):
                 write_tree(fh.create_group(name), tree)
             write_array(fh.create_group("metrics"), "records", np.bytes_(metrics_text.encode("ascii")))
-        append_trailer(staged)
-        os.replace(staged, path)
-        fsync_dir(directory)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write checkpoint ({exc})") from None
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
     return path
 
 
@@ -447,7 +365,6 @@ def _attr_matches(fh, key: str, expected) -> bool:
 
 
 def _load(path: str) -> Checkpoint:
-    verify_trailer(path, "zohpc checkpoint")
     fh = open_verified(path, FORMAT_NAME, FORMAT_VERSION)
     with fh:
         version = int(fh.attrs["format_version"])

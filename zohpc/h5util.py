@@ -1,7 +1,9 @@
 """HDF5 conventions shared by checkpoints, mask files and data files.
 
-Every file is written to a temporary name in the target directory, flushed, fsynced and
-renamed, so a reader never sees a partial file. Every dataset carries a fletcher32 filter
+Every file is written to a temporary name in the target directory, flushed, sealed with a
+whole-file SHA-256 trailer, fsynced and renamed, so a reader never sees a partial file.
+The trailer is checked before HDF5 opens a file: the HDF5 library can crash the process
+(not raise) on some damaged metadata. Every dataset carries a fletcher32 filter
 (checked by HDF5 on read) and a SHA-256 attribute of its bytes (checked by us), and the
 root carries ``format``, ``format_version`` and a ``complete`` flag written last.
 Nothing is ever unpickled or evaluated.
@@ -17,6 +19,78 @@ import h5py
 import numpy as np
 
 from .errors import CheckpointError
+
+
+TRAILER_PREFIX = b"\nzohpc-sha256:"
+TRAILER_SIZE = len(TRAILER_PREFIX) + 64 + 1
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _file_sha256(fh, length: int) -> str:
+    digest = hashlib.sha256()
+    remaining = length
+    while remaining > 0:
+        block = fh.read(min(remaining, 1 << 22))
+        if not block:
+            break
+        digest.update(block)
+        remaining -= len(block)
+    return digest.hexdigest()
+
+
+def append_trailer(path: str) -> None:
+    """Append the whole-file SHA-256 trailer to a finished HDF5 file and fsync it."""
+    with open(path, "rb+") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        hexdigest = _file_sha256(fh, size)
+        fh.seek(size)
+        fh.write(TRAILER_PREFIX + hexdigest.encode("ascii") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_trailer(path: str, format_name: str) -> None:
+    """Check the trailer before any HDF5 call; CheckpointError names the file and the problem."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if size == 0:
+                raise CheckpointError(f"{path}: empty file")
+            if head != HDF5_SIGNATURE:
+                raise CheckpointError(f"{path}: not an HDF5 file")
+            trailer = b""
+            if size >= TRAILER_SIZE:
+                fh.seek(size - TRAILER_SIZE)
+                trailer = fh.read(TRAILER_SIZE)
+            if not (trailer.startswith(TRAILER_PREFIX) and trailer.endswith(b"\n")):
+                _diagnose_no_trailer(path, format_name)
+            expected = trailer[len(TRAILER_PREFIX):-1]
+            fh.seek(0)
+            actual = _file_sha256(fh, size - TRAILER_SIZE).encode("ascii")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if actual != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (corrupted file)")
+
+
+def _diagnose_no_trailer(path: str, format_name: str) -> None:
+    """No trailer: a foreign HDF5 file, or one of ours cut short. Both end in CheckpointError.
+
+    Only an intact file can lack a trailer and still open, so asking HDF5 is safe here:
+    a truncated file fails its end-of-file check cleanly.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            found = fh.attrs.get("format", "")
+            found = found.decode() if isinstance(found, bytes) else str(found)
+    except Exception:  # noqa: BLE001 - any failure means damaged
+        raise CheckpointError(f"{path}: truncated or damaged HDF5 file (checksum trailer missing)") from None
+    if found != format_name:
+        raise CheckpointError(f"{path}: not a {format_name} file (format attribute is {found or 'missing'!r})")
+    raise CheckpointError(f"{path}: truncated or damaged {format_name} (checksum trailer missing)")
 
 
 def _digest(array: np.ndarray) -> str:
@@ -83,8 +157,7 @@ def atomic_h5(path: str, format_name: str, format_version: int):
             yield fh
             fh.attrs["complete"] = True
             fh.flush()
-        with open(tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
+        append_trailer(tmp)  # whole-file SHA-256, fsynced, before the file gets its real name
         os.replace(tmp, path)
         fsync_dir(directory)
     finally:
@@ -98,8 +171,7 @@ def _attr_str(value) -> str:
 
 def open_verified(path: str, format_name: str, max_version: int) -> h5py.File:
     """Open ``path`` read-only after checking it is a complete zohpc file of the given format."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+    verify_trailer(path, format_name)  # before HDF5 touches a possibly damaged file
     try:
         fh = h5py.File(path, "r")
     except OSError:
