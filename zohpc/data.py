@@ -213,7 +213,9 @@ def normalize(raw: RawData, limit: int = 0) -> DataSplits:
             mean = torch.as_tensor(np.asarray(raw.mean, dtype=np.float64), dtype=torch.float32).view(1, -1, 1, 1)
             std = torch.as_tensor(np.asarray(raw.std, dtype=np.float64), dtype=torch.float32).view(1, -1, 1, 1)
             t.sub_(mean).div_(std)
-        return t
+        # standard strides: with C = 1 torch may keep channels-last strides, which oneDNN
+        # reads as another layout and rounds differently from a rank's freshly allocated buffer
+        return t.clone(memory_format=torch.contiguous_format)
 
     return DataSplits(
         name=raw.name,

@@ -125,7 +125,7 @@ def build_optimizer(cfg: Config, model, comm: Comm):
     return LIZO(params, lr=o.lr, num_sample_per_step=o.num_sample_per_step,
                 reuse_distance_bound=o.reuse_distance_bound or None, max_reuse_rate=o.max_reuse_rate,
                 orthogonal_sample=o.orthogonal_sample, line_search=o.line_search,
-                weight_decay=o.weight_decay, comm=comm, seed=cfg.train.seed)
+                weight_decay=o.weight_decay, sample_norm=cfg.zo.mu, comm=comm, seed=cfg.train.seed)
 
 
 @torch.no_grad()
@@ -373,7 +373,9 @@ def train(comm: Comm, args) -> int:
                 x, y = splits.train_x[idx], splits.train_y[idx]
                 if cfg.data.augment:
                     x = augment_batch(x, cfg.train.seed, epoch, batch_in_epoch)
-                x, y = x.to(device).contiguous(), y.to(device).contiguous()
+                # standard strides, exactly like the buffers other ranks allocate (same kernels, same rounding)
+                x = x.to(device).clone(memory_format=torch.contiguous_format)
+                y = y.to(device).contiguous()
             lr = optimizer.param_groups[0]["lr"]
 
             if lizo:
