@@ -21,7 +21,7 @@ from .errors import ConfigError
 class DataConfig:
     name: str = "digits"  # digits | cifar10 | mnist | hdf5 | synthetic
     dir: str = ""  # directory (cifar10, mnist) or .h5 file / directory (hdf5)
-    batch_size: int = 128
+    batch_size: int = 64
     test_batch_size: int = 1000
     augment: bool = False  # CIFAR random crop (pad 4) + horizontal flip
     limit: int = 0  # use only the first N training examples (0 = all)
@@ -78,7 +78,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 30
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every_seconds: float = 5.0

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from .models import build_model
 from .zo import Coordinates, QueryEngine, check_deterministic
 
 log = logging.getLogger("zohpc.train")
+# workers step the schedule (to stay in step with the driver) but not the optimizer
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 
 def build_parser() -> argparse.ArgumentParser:
