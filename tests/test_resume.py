@@ -101,3 +101,12 @@ def test_resume_explicit_bad_path_exits_2(tmp_path):
     p = train(1, tmp_path / "run", "--resume", str(bogus))
     assert p.returncode == 2
     assert str(bogus) in p.stderr
+
+
+def test_resume_with_another_model_exits_2(tmp_path):
+    run = tmp_path / "run"
+    p = train(1, run, "--set", "train.max_steps=2")
+    assert p.returncode == 0, p.stderr
+    p = train(1, run, "--resume", "auto", "--set", "model.name=cnn_d1")
+    assert p.returncode == 2
+    assert "another model" in p.stderr or "shape" in p.stderr

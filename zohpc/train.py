@@ -28,7 +28,7 @@ from .comm import Comm, run_main
 from .config import Config, load_config, to_toml
 from .data import DataSplits, augment_batch, epoch_batches, load_data
 from .distributed import BatchStatsOnly, DistributedCGE, DistributedRGE, choose_features_mode
-from .errors import EXIT_PREEMPTED, UserError
+from .errors import EXIT_PREEMPTED, CheckpointError, UserError
 from .masks import layerwise_random_masks, mask_draw, read_mask_file
 from .models import build_model
 from .zo import Coordinates, QueryEngine, check_deterministic
@@ -225,13 +225,28 @@ def setup_logging(run_dir: str, comm: Comm) -> None:
     root.setLevel(logging.INFO)
 
 
-def test_failure_point():
+def injected_failure_point():
     """``ZOHPC_TEST_FAIL_AT=RANK:STEP`` makes that rank raise at that step (tests of the abort path)."""
     spec = os.environ.get("ZOHPC_TEST_FAIL_AT")
     if not spec:
         return None
     rank, step = spec.split(":")
     return int(rank), int(step)
+
+
+@torch.no_grad()
+def restore_model(model, state, path: str) -> None:
+    """Copy a checkpoint's parameters and buffers into ``model`` after checking they fit."""
+    for kind, ours, theirs in (("parameter", dict(model.named_parameters()), state.params),
+                               ("buffer", dict(model.named_buffers()), state.buffers)):
+        if set(ours) != set(theirs):
+            missing = sorted(set(ours) ^ set(theirs))
+            raise CheckpointError(f"{path}: checkpoint is for another model ({kind}s differ: {', '.join(missing[:4])})")
+        for name, tensor in ours.items():
+            if tuple(theirs[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{path}: {kind} {name} has shape {tuple(theirs[name].shape)}, "
+                                      f"the model needs {tuple(tensor.shape)}")
+            tensor.copy_(theirs[name].to(tensor.device))
 
 
 def rng_state() -> dict:
@@ -284,11 +299,7 @@ def train(comm: Comm, args) -> int:
     step, epoch, batch_in_epoch, history = 0, 0, 0, []
     if resume_from is not None:
         path, state = resume_from
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(state.params[n].to(device))
-            for n, b in model.named_buffers():
-                b.copy_(state.buffers[n].to(device))
+        comm.agree(restore_model, model, state, path)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["torch"])
@@ -303,7 +314,7 @@ def train(comm: Comm, args) -> int:
         with open(os.path.join(run_dir, "config.toml"), "w") as fh:
             fh.write(to_toml(cfg))
     stop = StopSignal()
-    fail_at = test_failure_point()
+    fail_at = injected_failure_point()
 
     current_draw = None
     coords = None
