@@ -8,7 +8,10 @@
 * engine: zohpc.zo.QueryEngine (per-layer downstream plan, incremental perturbed layer,
   one-channel deltas, ``query_batch`` stacked copies).
 
-All three use BatchNorm batch statistics and leave running statistics alone. The coordinate
+All three use BatchNorm batch statistics and leave running statistics alone, and run in one
+process with the same allocator setting (the engine's tune_malloc is process-wide, so the
+baselines profit from it too). --baseline-channels-last also gives the baselines the NHWC
+memory order the engine uses. The coordinate
 set is a seeded uniform sample over all parameter entries (what a random mask of that density
 selects), so layers are represented in proportion to their size. Times include the one
 unperturbed forward that block reuse and the engine need per minibatch.
@@ -234,7 +237,8 @@ def run(comm, args) -> dict:
         "model": args.model, "input": "x".join(map(str, shape)), "batch": args.batch, "coords": coords.total,
         "params": sum(p.numel() for p in model.parameters()), "threads": args.threads,
         "query_batch": engine.query_batch, "max_elements": engine.max_elements,
-        "baseline_channels_last": args.baseline_channels_last, "repeats": args.repeats, "dtype": args.dtype, "device": str(dev), "mu": mu,
+        "baseline_channels_last": args.baseline_channels_last, "repeats": args.repeats,
+        "dtype": args.dtype, "device": str(dev), "mu": mu,
         "engine_s": t_engine, "block_reuse_s": t_block,
         "engine_coords_per_s": coords.total / t_engine,
         "block_reuse_coords_per_s": coords.total / t_block,

@@ -11,7 +11,8 @@ How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer fo
     perturbed conv/linear/BN parameter changes exactly one output channel, and BatchNorm,
     ReLU, pooling, flatten, slicing, padding and adding an unchanged tensor keep it that way.
     A conv reading a ``_Chan`` input computes ``cached_out + conv(delta, W[:, block])``
-    (a grouped conv with one input channel per copy) instead of the full conv.
+    (im2col of the one-channel delta times a (kh*kw, Cout) weight slice per copy, one batched
+    matmul) instead of the full conv; a linear layer likewise.
   - ``_Full``: all values changed; the Q copies are stacked along dim 0 (Q*B, ...), so one
     batched op serves all copies. BatchNorm uses per-copy batch statistics.
   - ``_Per``: a list of Q values, for ops the engine does not know; each copy is run by
@@ -22,6 +23,13 @@ How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer fo
 
 The parameters are never modified; queries are functional. BatchNorm always uses batch
 statistics of each copy (training-mode semantics) and never touches running statistics.
+
+CPU performance notes (measured, see zohpc.bench.engine): activations are kept channels-last
+(oneDNN convs 1.5-3x faster), glibc is told to recycle large blocks (tune_malloc), the
+stacked copies per pass are capped so tensors stay cache-sized (max_elements), tensors that
+die at a ReLU or an addition are updated in place, and a few ATen CPU kernels that are slow
+for these shapes are replaced by exact equivalents (strided max-pool, Welford-free stats,
+logsumexp cross entropy).
 """
 
 from __future__ import annotations
@@ -98,17 +106,19 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class _Chan:
     """Cached tensor with block ``idx[q]`` (channels idx*s .. idx*s+s-1 of dim 1) replaced."""
 
-    __slots__ = ("idx", "s", "v", "idx_t")
+    __slots__ = ("idx", "s", "v", "idx_t", "own")
 
-    def __init__(self, idx, s, v, idx_t=None):
-        self.idx, self.s, self.v, self.idx_t = list(idx), int(s), v, idx_t
+    def __init__(self, idx, s, v, idx_t=None, own=False):
+        self.idx, self.s, self.v, self.idx_t, self.own = list(idx), int(s), v, idx_t, own
 
 
 class _Full:
-    __slots__ = ("t",)
+    """Q copies stacked along dim 0. ``own``: the tensor is ours alone (may be updated in place)."""
 
-    def __init__(self, t):
-        self.t = t
+    __slots__ = ("t", "own")
+
+    def __init__(self, t, own=False):
+        self.t, self.own = t, own
 
 
 class _Per:
@@ -255,6 +265,7 @@ class QueryEngine:
         self._bn_stats: dict = {}
         self._xpad: dict = {}
         self._feat_nodes = None
+        self._batch = None
         self._yrep: dict = {}
         self.flops = 0  # matmul-type FLOPs executed by queries (conv/linear), see bench
 
@@ -442,6 +453,11 @@ class QueryEngine:
 
     def _derive(self):
         """Values derived from the cache (BN statistics); same code for prepare and load_features."""
+        batch = self.env[self.input_node].shape[0]
+        if batch != self._batch:  # measured tensor sizes per copy scale with the minibatch
+            self._batch = batch
+            for plan in self.plans:
+                plan.elems = None
         self._bn_stats = {}
         self._xpad = {}
         for n in self.nodes:
@@ -454,7 +470,10 @@ class QueryEngine:
             yq = self._yrep.get(Q)
             if yq is None:
                 yq = self._yrep[Q] = y.repeat(Q)
-            return F.cross_entropy(logits, yq, reduction="none").view(Q, -1).mean(1)
+            # cross entropy per sample as logsumexp - logit of the label (4x faster on CPU than
+            # F.cross_entropy for small class counts)
+            ce = torch.logsumexp(logits, 1) - logits.gather(1, yq[:, None]).squeeze(1)
+            return ce.view(Q, -1).mean(1)
         chunks = logits.view(Q, logits.shape[0] // Q, *logits.shape[1:])
         return torch.stack([self.loss_fn(chunks[q], y).reshape(()) for q in range(Q)])
 
@@ -546,9 +565,19 @@ class QueryEngine:
 
     def _gather(self, base, rep: _Chan, Q):
         """Per-copy block of the cached ``base``: (Q*B, s, ...)."""
+        return self._gather_view(base, rep, Q).reshape(Q * base.shape[0], rep.s, *base.shape[2:])
+
+    def _gather_view(self, base, rep: _Chan, Q):
+        """Per-copy block of the cached ``base`` as a (Q, B, s, ...) view (no reordering copy)."""
         g = base.index_select(1, self._block_index(rep))
-        B = base.shape[0]
-        return g.view(B, Q, rep.s, *base.shape[2:]).transpose(0, 1).reshape(Q * B, rep.s, *base.shape[2:])
+        return g.view(base.shape[0], Q, rep.s, *base.shape[2:]).transpose(0, 1)
+
+    def _chan_delta(self, base, rep: _Chan, Q):
+        """rep.v - cached block, (Q*B, s, ...), in one pass."""
+        v = rep.v.view(Q, base.shape[0], rep.s, *base.shape[2:])
+        out = torch.empty_like(v, memory_format=torch.contiguous_format)
+        torch.sub(v, self._gather_view(base, rep, Q), out=out)
+        return out.view(rep.v.shape)
 
     def _materialize(self, n, rep, Q):
         """Full stacked tensor (Q*B, ...) of a _Chan or _Full rep."""
@@ -593,29 +622,43 @@ class QueryEngine:
                 idx = flat
                 for q, o in enumerate(idx):
                     torch.add(out_base[:, o], steps[q], out=v[q])
-                return _Chan(idx, 1, v.view(Q * B, 1, Ho, Wo))
+                return _Chan(idx, 1, v.view(Q * B, 1, Ho, Wo), own=True)
             xpad = self._padded_input(n, mod)
             w = mod.weight
             cin_g, kh, kw = w.shape[1], w.shape[2], w.shape[3]
             cout_g = Cout // mod.groups
             sh, sw = mod.stride
             dh, dw = mod.dilation
-            idx = []
-            for q, f in enumerate(flat):
-                o, r = divmod(f, cin_g * kh * kw)
-                c, r = divmod(r, kh * kw)
-                i, j = divmod(r, kw)
-                cin = (o // cout_g) * cin_g + c
-                sl = xpad[:, cin, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw]
-                torch.add(out_base[:, o], sl, alpha=steps[q], out=v[q])
-                idx.append(o)
-            return _Chan(idx, 1, v.view(Q * B, 1, Ho, Wo))
+            f = torch.tensor(flat, device=dev)
+            o, r = f // (cin_g * kh * kw), f % (cin_g * kh * kw)
+            c, r = r // (kh * kw), r % (kh * kw)
+            i, j = r // kw, r % kw
+            cin = (o // cout_g) * cin_g + c
+            rows = (i * dh)[:, None] + sh * torch.arange(Ho, device=dev)  # (Q, Ho)
+            cols = (j * dw)[:, None] + sw * torch.arange(Wo, device=dev)  # (Q, Wo)
+            if B * Ho * Wo >= 4096:  # large slices: Q strided copies beat one gather
+                o_l, cin_l, i_l, j_l = o.tolist(), cin.tolist(), i.tolist(), j.tolist()
+                for q in range(Q):
+                    ih, jw = i_l[q] * dh, j_l[q] * dw
+                    sl = xpad[:, cin_l[q], ih:ih + sh * (Ho - 1) + 1:sh, jw:jw + sw * (Wo - 1) + 1:sw]
+                    torch.add(out_base[:, o_l[q]], sl, alpha=steps[q], out=v[q])
+                return _Chan(o_l, 1, v.view(Q * B, 1, Ho, Wo), own=True)
+            sl = xpad[:, cin[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, Q, Ho, Wo)
+            st = torch.tensor(steps, dtype=v.dtype, device=dev).view(1, Q, 1, 1)
+            torch.addcmul(out_base[:, o], sl, st, out=v.permute(1, 0, 2, 3))
+            return _Chan(o.tolist(), 1, v.view(Q * B, 1, Ho, Wo), own=True)
         if plan.kind in ("lin_w", "lin_b"):
             x = self.env[n.args[0]]
             if out_base.dim() != 2:
                 return None
             B = out_base.shape[0]
             v = torch.empty(Q, B, dtype=out_base.dtype, device=dev)
+            if plan.kind == "lin_w":
+                f = torch.tensor(flat, device=dev)
+                o, c = f // x.shape[1], f % x.shape[1]
+                st = torch.tensor(steps, dtype=v.dtype, device=dev).view(1, Q)
+                torch.addcmul(out_base[:, o], x[:, c], st, out=v.t())
+                return _Chan(o.tolist(), 1, v.view(Q * B, 1), own=True)
             idx = []
             for q, f in enumerate(flat):
                 if plan.kind == "lin_b":
@@ -625,7 +668,7 @@ class QueryEngine:
                     o, c = divmod(f, x.shape[1])
                     torch.add(out_base[:, o], x[:, c], alpha=steps[q], out=v[q])
                 idx.append(o)
-            return _Chan(idx, 1, v.view(Q * B, 1))
+            return _Chan(idx, 1, v.view(Q * B, 1), own=True)
         if plan.kind in ("bn_w", "bn_b"):
             x = self.env[n.args[0]]
             mean, invstd = self._bn_stats[n]
@@ -637,7 +680,7 @@ class QueryEngine:
                 else:
                     xhat = (x[:, o] - mean[0, 0, o]) * invstd[0, 0, o]
                     torch.add(out_base[:, o], xhat, alpha=steps[q], out=v[q])
-            return _Chan(flat, 1, v.view(Q * B, 1, *out_base.shape[2:]))
+            return _Chan(flat, 1, v.view(Q * B, 1, *out_base.shape[2:]), own=True)
         return None
 
     def _padded_input(self, n, mod):
@@ -672,8 +715,15 @@ class QueryEngine:
             vals.append(self._call(n, args, kwargs, None if override is None else (override[0], override[1][q])))
         return _Per(vals)
 
-    def _step(self, n, reps, Q):
-        """Rep of a downstream node from the reps of its inputs."""
+    def _is_relu(self, n):
+        if n.op == "call_module":
+            return type(self.modules[n.target]) is nn.ReLU and not n.kwargs
+        if n.op == "call_function":
+            return n.target in (F.relu, torch.relu) and len(n.args) == 1 and not n.kwargs
+        return n.op == "call_method" and n.target == "relu"
+
+    def _step(self, n, reps, Q, last=()):
+        """Rep of a downstream node from the reps of its inputs (``last``: inputs that die here)."""
         k = self.kind[n]
         if k in ("conv", "linear", "bn", "chanwise", "flatten"):
             a = n.args[0]
@@ -688,7 +738,7 @@ class QueryEngine:
                 t = self._materialize(a, r, Q)
                 w = mod.weight
                 self.flops += 2 * t.shape[0] * w.numel() * math.prod(self.env[n].shape[2:])
-                return _Full(mod(t))
+                return _Full(mod(t), own=True)
             if k == "linear":
                 mod = fn
                 base_in = self.env[a]
@@ -696,28 +746,33 @@ class QueryEngine:
                     return self._chan_linear(n, mod, r, Q)
                 t = self._materialize(a, r, Q)
                 self.flops += 2 * t.shape[0] * mod.weight.numel()
-                return _Full(mod(t))
+                return _Full(mod(t), own=True)
             if k == "bn":
                 mod = fn
                 if isinstance(r, _Chan):
                     idx = self._block_index(r)
                     w = None if mod.weight is None else mod.weight.index_select(0, idx).view(Q, r.s)
                     b = None if mod.bias is None else mod.bias.index_select(0, idx).view(Q, r.s)
-                    return _Chan(r.idx, r.s, self._bn(r.v, mod.eps, w, b, Q)[0], r.idx_t)
-                return _Full(self._bn(r.t, mod.eps, mod.weight, mod.bias, Q)[0])
+                    return _Chan(r.idx, r.s, self._bn(r.v, mod.eps, w, b, Q)[0], r.idx_t, own=True)
+                return _Full(self._bn(r.t, mod.eps, mod.weight, mod.bias, Q)[0], own=True)
             if k == "chanwise":
+                if self._is_relu(n) and r.own and a in last:  # input dies here: rectify in place
+                    if isinstance(r, _Chan):
+                        return _Chan(r.idx, r.s, r.v.relu_(), r.idx_t, own=True)
+                    return _Full(r.t.relu_(), own=True)
+
                 def f(x):
                     return self._call(n, (x,) + tuple(n.args[1:]), n.kwargs)
                 if isinstance(r, _Chan):
-                    return _Chan(r.idx, r.s, f(r.v), r.idx_t)
-                return _Full(f(r.t))
+                    return _Chan(r.idx, r.s, f(r.v), r.idx_t, own=True)
+                return _Full(f(r.t), own=True)
             if k == "flatten":
                 if isinstance(r, _Chan):
                     inner = math.prod(self.env[a].shape[2:])
                     return _Chan(r.idx, r.s * inner, r.v.reshape(r.v.shape[0], -1))
                 return _Full(r.t.flatten(1))
         if k == "binary":
-            return self._binary(n, reps, Q)
+            return self._binary(n, reps, Q, last)
         if k == "getitem":
             return self._getitem(n, reps, Q)
         if k == "pad":
@@ -733,16 +788,26 @@ class QueryEngine:
         a = n.args[0]
         x_base, out_base = self.env[a], self.env[n]
         B, s = x_base.shape[0], r.s
-        delta = r.v - self._gather(x_base, r, Q)  # (Q*B, s, H, W)
+        delta = self._chan_delta(x_base, r, Q)  # (Q*B, s, H, W)
         w = mod.weight
         Cout, kh, kw = w.shape[0], w.shape[2], w.shape[3]
         Ho, Wo = out_base.shape[2], out_base.shape[3]
         pad = mod.padding
         if isinstance(pad, str):
             return _Full(mod(self._materialize(a, r, Q)))
-        cols = F.unfold(delta, (kh, kw), dilation=mod.dilation, padding=pad, stride=mod.stride)  # (Q*B, s*k, L)
+        # im2col in NHWC order, (Q*B, Ho, Wo, s, kh, kw), from kh*kw strided views of the
+        # padded delta (F.unfold loops over the Q*B samples and is several times slower)
+        ph, pw = _pair(pad)
+        sh, sw = _pair(mod.stride)
+        dh, dw = _pair(mod.dilation)
+        dp = F.pad(delta, (pw, pw, ph, ph)) if ph or pw else delta
+        cols = torch.empty(Q * B, Ho, Wo, s, kh, kw, dtype=delta.dtype, device=delta.device)
+        for i in range(kh):
+            for j in range(kw):
+                sl = dp[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw]
+                cols[..., i, j].copy_(sl.permute(0, 2, 3, 1))
         K = s * kh * kw
-        cols = cols.view(Q, B, K, Ho * Wo).transpose(2, 3).reshape(Q, B * Ho * Wo, K)
+        cols = cols.view(Q, B * Ho * Wo, K)
         wg = w.index_select(1, self._block_index(r)).view(Cout, Q, K).permute(1, 2, 0)  # (Q, K, Cout)
         base_m = out_base.permute(0, 2, 3, 1).reshape(1, B * Ho * Wo, Cout)
         out = torch.baddbmm(base_m, cols, wg)  # (Q, B*Ho*Wo, Cout): NHWC per copy
@@ -750,20 +815,20 @@ class QueryEngine:
         out = out.view(Q * B, Ho, Wo, Cout).permute(0, 3, 1, 2)
         if not self.channels_last:
             out = out.contiguous()
-        return _Full(out)
+        return _Full(out, own=True)
 
     def _chan_linear(self, n, mod, r, Q):
         a = n.args[0]
         x_base, out_base = self.env[a], self.env[n]
         B, s = x_base.shape[0], r.s
-        delta = (r.v - self._gather(x_base, r, Q)).view(Q, B, s)
+        delta = self._chan_delta(x_base, r, Q).view(Q, B, s)
         w = mod.weight.index_select(1, self._block_index(r))  # (Out, Q*s)
         w = w.view(w.shape[0], Q, s).permute(1, 2, 0)  # (Q, s, Out)
         self.flops += 2 * Q * B * s * w.shape[2]
         out = torch.baddbmm(out_base.unsqueeze(0), delta, w)
-        return _Full(out.reshape(Q * B, -1))
+        return _Full(out.reshape(Q * B, -1), own=True)
 
-    def _binary(self, n, reps, Q):
+    def _binary(self, n, reps, Q, last=()):
         op = _BINARY[n.target] if n.op == "call_function" else _BINARY_METHODS[n.target]
         args = n.args
         rs = [reps.get(a) if isinstance(a, fx.Node) else None for a in args]
@@ -788,7 +853,7 @@ class QueryEngine:
                         vals.append(self._gather(self.env[a], c0, Q))
                     else:
                         vals.append(r.v)
-                return _Chan(c0.idx, c0.s, op(*vals), c0.idx_t)
+                return _Chan(c0.idx, c0.s, self._binop(op, vals, args, rs, last, lambda r: r.v), c0.idx_t, own=True)
         if any(r is not None and self.env[a].dim() != out_base.dim() for a, r in zip(args, rs)):
             return self._generic(n, reps, Q)
         vals = []
@@ -799,8 +864,28 @@ class QueryEngine:
                 vals.append(self.env[a])
             else:
                 vals.append(self._materialize(a, r, Q).view(Q, *self.env[a].shape))
-        res = op(*vals)
-        return _Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]))
+        res = self._binop(op, vals, args, rs, last, lambda r: r.t, (Q,) + tuple(out_base.shape))
+        return _Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
+
+    @staticmethod
+    def _binop(op, vals, args, rs, last, tensor_of, out_shape=None):
+        """op(*vals), written into an owned operand's tensor when that operand dies here."""
+        if op in (torch.add, torch.mul) or op is torch.sub:
+            for i, (a, r) in enumerate(zip(args, rs)):
+                if i > 0 and op is torch.sub:
+                    break
+                if r is None or not r.own or a not in last or sum(x is a for x in args) != 1:
+                    continue
+                v = vals[i]
+                other = vals[1 - i]
+                shape = out_shape if out_shape is not None else v.shape
+                if tuple(v.shape) != tuple(shape) or not _is_tensor(v) or (
+                        _is_tensor(other) and torch.broadcast_shapes(v.shape, other.shape) != v.shape):
+                    continue
+                if _is_tensor(other) and other.dtype != v.dtype:
+                    continue
+                return op(v, other, out=v)
+        return op(*vals)
 
     def _getitem(self, n, reps, Q):
         a, index = n.args[0], n.args[1] if len(n.args) > 1 else None
@@ -838,6 +923,24 @@ class QueryEngine:
             return _Full(F.pad(self._materialize(a, r, Q), pad, *rest_args, **n.kwargs))
         return self._generic(n, reps, Q)
 
+    @staticmethod
+    def _settle_ownership(n, rep, reps, last):
+        """In-place updates are allowed only on a tensor that no other live rep shares.
+
+        If the output shares memory with an input rep (a view, nn.Identity, an in-place op),
+        it inherits that input's ownership when the input dies here; otherwise both lose it.
+        """
+        t = rep.v if isinstance(rep, _Chan) else rep.t
+        ptr = t.untyped_storage().data_ptr()
+        for a in n.all_input_nodes:
+            r = reps.get(a)
+            if isinstance(r, (_Chan, _Full)):
+                u = r.v if isinstance(r, _Chan) else r.t
+                if u.untyped_storage().data_ptr() == ptr:
+                    rep.own = rep.own and r.own and a in last
+                    if a not in last:
+                        r.own = False
+
     @torch.no_grad()
     def query(self, param_index: int, flat, steps) -> torch.Tensor:
         """Losses f(theta + steps[q] * e_{flat[q]}) of one parameter, all in one batched pass."""
@@ -863,7 +966,10 @@ class QueryEngine:
                         override = (plan.rel_name, self._perturbed_params(param_index, flat, steps))
                     rep = self._generic(n, reps, Q, override)
             else:
-                rep = self._step(n, reps, Q)
+                last = plan.free_after.get(n, ())
+                rep = self._step(n, reps, Q, last)
+                if isinstance(rep, (_Chan, _Full)):
+                    self._settle_ownership(n, rep, reps, last)
             reps[n] = rep
             if isinstance(rep, (_Chan, _Full)):
                 big = max(big, (rep.v if isinstance(rep, _Chan) else rep.t).numel())
