@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet20", choices=MODEL_NAMES)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2, help="measured steps")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (cost measurement already warms up)")
     p.add_argument("--input", default=None, help="input shape CxHxW (default 3x32x32; 1x8x8 for digits_cnn)")
     p.add_argument("--query-batch", type=int, default=32)
     p.add_argument("--features", default="auto", choices=("auto", "broadcast", "recompute"))
@@ -59,7 +60,7 @@ def run(comm, args) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     rows = []
-    for step in range(args.steps + 1):
+    for step in range(args.warmup + args.steps):
         comm.barrier()
         t_step = time.perf_counter()
         values, base, times = proto.gradient(x if comm.is_driver else None, y if comm.is_driver else None, x.shape)
@@ -76,7 +77,7 @@ def run(comm, args) -> int:
         row = [times.driver_forward, times.bcast, times.compute, times.gather, times.optimizer,
                times.param_bcast, step_seconds]
         table = comm.gather_floats(row)
-        if step > 0 and comm.is_driver:  # step 0 is warm-up
+        if step >= args.warmup and comm.is_driver:
             rows.append(table)
     if not comm.is_driver:
         return 0
