@@ -98,13 +98,21 @@ class DistributedCGE:
         self.costs: list[float] | None = None
         self.bounds: list[int] = []
         self._feature_shapes: dict = {}
+        self.separate_wait = False  # time the wait for the slowest rank apart from the gather
 
     # ------------------------------------------------------------------ sharding
     def measure_costs(self, coords: Coordinates, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-        """Seconds per query of each parameter's plan, averaged over ranks so all agree."""
-        local = torch.tensor(self.engine.measure_costs(coords, x, y), dtype=torch.float64)
+        """Seconds per query of each parameter's plan, the same list on every rank.
+
+        The parameters with active coordinates are dealt round-robin over the ranks, each
+        rank times its share while the others time theirs (the load of a real step), and
+        an allreduce assembles the list: start-up costs 1/K of a serial measurement.
+        """
+        active = [pi for pi, n in enumerate(coords.counts) if n > 0]
+        mine = active[self.comm.rank::self.comm.size]
+        local = torch.tensor(self.engine.measure_costs(coords, x, y, only=mine), dtype=torch.float64)
         self.comm.allreduce_sum_(local)
-        return (local / self.comm.size).tolist()
+        return local.tolist()
 
     def set_coords(self, coords: Coordinates, costs: list[float]) -> None:
         self.coords = coords
@@ -139,12 +147,13 @@ class DistributedCGE:
         comm.bcast_(y)
         return x, y
 
-    def gradient(self, x: torch.Tensor | None, y: torch.Tensor | None, batch_shape) -> tuple:
+    def gradient(self, x: torch.Tensor | None, y: torch.Tensor | None, batch_shape, step: int = 0) -> tuple:
         """Evaluate this rank's shard for the minibatch (x, y) held by the driver.
 
         Returns ``(values, base_loss, times)``: the finite differences of every active
         coordinate on the driver (None elsewhere), the base loss (every rank) and this
-        rank's phase timings. ``batch_shape`` is known on all ranks (fixed batch size).
+        rank's phase timings. ``batch_shape`` is known on all ranks (fixed batch size);
+        ``step`` is unused (CGE is deterministic) and kept for the estimators' common call.
         """
         comm, engine = self.comm, self.engine
         times = StepTimes()
@@ -187,6 +196,10 @@ class DistributedCGE:
         t4 = time.perf_counter()
         times.compute = t4 - t3 + times.extra.get("recompute", 0.0)
 
+        if self.separate_wait:  # benchmarks: waiting for the slowest shard is not communication
+            comm.barrier()
+            times.extra["wait"] = time.perf_counter() - t4
+            t4 = time.perf_counter()
         values = comm.gatherv(local, self.shard_counts)
         times.gather = time.perf_counter() - t4
         return values, float(base[0]), times

@@ -394,11 +394,9 @@ def train(comm: Comm, args) -> int:
 
             if lizo:
                 loss, queries, compute = lizo_step(comm, model, optimizer, x, y, x_shape, device)
-                times = None
             else:
                 proto = cge_proto if cfg.zo.estimator == "cge" else rge_proto
-                values, loss, times = proto.gradient(x, y, x_shape) if cfg.zo.estimator == "cge" \
-                    else proto.gradient(x, y, x_shape, step)
+                values, loss, times = proto.gradient(x, y, x_shape, step)
                 queries = proto.queries_per_step
                 compute = times.compute
                 if comm.is_driver:

@@ -52,6 +52,7 @@ def run(comm, args) -> int:
     coords = Coordinates(model, masks)
     engine = QueryEngine(model, query_batch=args.query_batch)
     proto = DistributedCGE(comm, model, engine, mu=5e-3)
+    proto.separate_wait = True
     t0 = time.perf_counter()
     costs = proto.measure_costs(coords, x, y)
     measure_seconds = time.perf_counter() - t0
@@ -75,13 +76,13 @@ def run(comm, args) -> int:
         times.param_bcast = proto.share_parameters()
         step_seconds = comm.allreduce_max(time.perf_counter() - t_step)
         row = [times.driver_forward, times.bcast, times.compute, times.gather, times.optimizer,
-               times.param_bcast, step_seconds]
+               times.param_bcast, step_seconds, times.extra.get("wait", 0.0)]
         table = comm.gather_floats(row)
         if step >= args.warmup and comm.is_driver:
             rows.append(table)
     if not comm.is_driver:
         return 0
-    data = torch.stack(rows)  # (steps, ranks, 7)
+    data = torch.stack(rows)  # (steps, ranks, 8)
     mean = data.mean(0)  # per rank, per phase
     compute = mean[:, 2]
     step_seconds = float(mean[0, 6])
@@ -102,6 +103,7 @@ def run(comm, args) -> int:
         "driver_forward_seconds": float(driver[0]),
         "bcast_seconds": float(driver[1]),
         "gather_seconds": float(driver[3]),
+        "driver_wait_seconds": float(driver[7]),
         "optimizer_seconds": float(driver[4]),
         "param_bcast_seconds": float(driver[5]),
         "compute_seconds": {"min": float(compute.min()), "mean": float(compute.mean()), "max": float(compute.max()),

@@ -1032,13 +1032,21 @@ class QueryEngine:
         return plus, minus
 
     @torch.no_grad()
-    def measure_costs(self, coords, x, y, repeats: int = 3) -> list:
-        """Seconds per query for each parameter (min over ``repeats`` timed batches, real device)."""
+    def measure_costs(self, coords, x, y, repeats: int = 2, only=None) -> list:
+        """Seconds per query for each parameter (min over ``repeats`` timed batches, real device).
+
+        ``only``: indices of the parameters to time (others get 0.0), so that several ranks
+        can split the measurement and sum their results.
+        """
         self._check_coords(coords)
         self.prepare(x, y)
         dev = self.params[0].device
         costs = []
+        wanted = set(range(len(self.params)) if only is None else only)
         for pi, p in enumerate(self.params):
+            if pi not in wanted:
+                costs.append(0.0)
+                continue
             n = p.numel()
             Q = min(self.query_batch, n)
             flat = torch.linspace(0, n - 1, Q).round().long().tolist()
