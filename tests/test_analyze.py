@@ -238,3 +238,24 @@ def test_module_entry_point(tmp_path):
     p = subprocess.run([sys.executable, "-m", "zohpc.analyze", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=120, env=env)
     assert p.returncode == 2 and p.stderr.startswith("zohpc.analyze: error:") and "nope" in p.stderr
+
+
+def test_real_training_run_directory(tmp_path):
+    """A directory written by a real (short) zohpc.train run, analyzed by the CLI."""
+    run = tmp_path / "real"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ZOHPC_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "zohpc.train", "--out", str(run), "--set", "train.epochs=2",
+                        "--set", "data.limit=256", "--set", "prune.queries=16"],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr
+    png = tmp_path / "curves.png"
+    p = subprocess.run([sys.executable, "-m", "zohpc.analyze", str(run), "--json", "--plot", str(png)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    (r,) = doc["runs"]
+    check_schema(r)
+    assert r["kind"] == "run" and r["finished"] and r["step"] == 8 and r["evals_logged"] == 2
+    assert 0.0 <= r["last_test_acc"] <= 1.0 and r["queries"] > 0
+    assert abs(r["masks"]["sparsity"] - 0.5) < 0.01  # the default zo_grasp sparsity, from the checkpoint
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpi_util import ROOT, run_ranks
+from mpi_util import ROOT, gradient_problem, run_ranks
 from zohpc.distributed import balanced_bounds, shard_costs
-from zohpc.masks import layerwise_random_masks, maskable_names
-from zohpc.models import build_model
-from zohpc.zo import Coordinates, QueryEngine, cge
+from zohpc.zo import cge
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "mpi_gradient.py")
 
@@ -34,17 +32,7 @@ def test_balanced_bounds_cover_and_balance():
 
 
 def single_process_gradient(model_name):
-    shape = (1, 8, 8) if model_name == "digits_cnn" else (3, 8, 8)
-    torch.manual_seed(0)
-    model = build_model(model_name, shape, 10)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(8, *shape, generator=gen)
-    y = torch.randint(0, 10, (8,), generator=gen)
-    shapes = {n: p.shape for n, p in model.named_parameters() if n in maskable_names(model)}
-    sparsity = 0.5 if model_name == "digits_cnn" else 0.995
-    masks = layerwise_random_masks(shapes, {n: sparsity for n in maskable_names(model)}, 0, 0)
-    coords = Coordinates(model, masks)
-    engine = QueryEngine(model, query_batch=5)
+    model, x, y, coords, engine = gradient_problem(model_name)
     base = engine.prepare(x, y)
     values = cge(engine, coords, 5e-3, "forward", base=base)
     return torch.cat([g.reshape(-1) for g in coords.scatter(values)]).numpy()
@@ -116,3 +104,17 @@ def test_user_error_exits_2_on_all_ranks(tmp_path, args, word):
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 2 and all(word in l and l.startswith("zohpc.train: error:") for l in lines), proc.stderr
+
+
+def test_corrected_costs_move_work_to_the_fast_rank():
+    from zohpc.distributed import corrected_costs
+
+    counts, costs = [100, 100, 100, 100], [1.0, 1.0, 1.0, 1.0]
+    bounds = balanced_bounds(counts, costs, 2)
+    assert bounds == [0, 200, 400]
+    # the second shard really took twice as long as predicted: its parameters cost more
+    new = corrected_costs(bounds, counts, costs, [200.0, 400.0])
+    assert new[:2] == [1.0, 1.0] and new[2:] == [2.0, 2.0]
+    better = balanced_bounds(counts, new, 2)
+    loads = shard_costs(better, counts, new)
+    assert better[1] > 200 and max(loads) / (sum(loads) / 2) < 1.01

@@ -65,6 +65,28 @@ def shard_costs(bounds: list[int], counts: list[int], costs: list[float]) -> lis
     return out
 
 
+def corrected_costs(bounds: list[int], counts: list[int], costs: list[float], actual: list[float]) -> list[float]:
+    """Per-parameter costs rescaled by how far each shard's measured time missed its prediction.
+
+    A parameter's cost is multiplied by the coordinate-weighted mean of ``actual / predicted``
+    over the shards that hold its coordinates. Pure: every rank computes the same list
+    from the same (allgathered) shard times.
+    """
+    predicted = shard_costs(bounds, counts, costs)
+    factor = [a / p if p > 0 and a > 0 else 1.0 for a, p in zip(actual, predicted)]
+    out, start = [], 0
+    for n, c in zip(counts, costs):
+        weight, acc = 0, 0.0
+        for r in range(len(bounds) - 1):
+            overlap = min(bounds[r + 1], start + n) - max(bounds[r], start)
+            if overlap > 0:
+                weight += overlap
+                acc += overlap * factor[r]
+        out.append(c * (acc / weight) if weight else c)
+        start += n
+    return out
+
+
 @dataclass
 class StepTimes:
     """Seconds spent in each phase of one step on this rank."""
@@ -119,6 +141,19 @@ class DistributedCGE:
         self.costs = list(costs)
         granule = self.engine.query_batch if self.difference == "forward" else max(1, self.engine.query_batch // 2)
         self.bounds = balanced_bounds(list(coords.counts), self.costs, self.comm.size, granule)
+
+    def rebalance(self, compute_seconds: float) -> None:
+        """Refine the shard layout with this step's measured shard times (all ranks agree).
+
+        Start-up timing of a few queries per parameter misses cache and memory effects of a
+        full shard; one or two corrections from real steps remove most of the imbalance.
+        The gradient does not depend on the layout (boundaries stay on query groups).
+        """
+        if self.comm.size == 1:
+            return
+        actual = self.comm.allgatherv(torch.tensor([compute_seconds], dtype=torch.float64), [1] * self.comm.size)
+        costs = corrected_costs(self.bounds, list(self.coords.counts), self.costs, actual.tolist())
+        self.set_coords(self.coords, costs)
 
     @property
     def shard(self) -> tuple[int, int]:

@@ -318,6 +318,7 @@ def train(comm: Comm, args) -> int:
 
     current_draw = None
     coords = None
+    rebalances_left = 0
     x_shape = (bs, *splits.input_shape)
     saved_costs = resume_from[1].extra.get("costs") if resume_from is not None else None
     logged_draws = {r["draw"] for r in history if r.get("event") == "masks"}
@@ -365,6 +366,7 @@ def train(comm: Comm, args) -> int:
                 else:
                     costs = cge_proto.costs  # per-parameter query cost does not depend on the mask
                 cge_proto.set_coords(coords, costs)
+                rebalances_left = 2  # refine the layout with the first real step times
                 if cfg.zo.features == "auto":
                     cge_proto.features = choose_features_mode(comm, engine, xb, yb)
                 else:
@@ -399,6 +401,11 @@ def train(comm: Comm, args) -> int:
                 values, loss, times = proto.gradient(x, y, x_shape, step)
                 queries = proto.queries_per_step
                 compute = times.compute
+                if proto is cge_proto and rebalances_left > 0:
+                    rebalances_left -= 1
+                    cge_proto.rebalance(compute)
+                    log.info("rebalanced: shard %s, predicted imbalance %.3f", cge_proto.shard,
+                             cge_proto.predicted_imbalance())
                 if comm.is_driver:
                     t1 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=False)

@@ -74,6 +74,7 @@ def run(comm, args) -> int:
                 model(x)  # running statistics, as in training
             times.optimizer = time.perf_counter() - t1
         times.param_bcast = proto.share_parameters()
+        proto.rebalance(times.compute)  # as training does after its first steps
         step_seconds = comm.allreduce_max(time.perf_counter() - t_step)
         row = [times.driver_forward, times.bcast, times.compute, times.gather, times.optimizer,
                times.param_bcast, step_seconds, times.extra.get("wait", 0.0)]
