@@ -118,3 +118,23 @@ def test_corrected_costs_move_work_to_the_fast_rank():
     better = balanced_bounds(counts, new, 2)
     loads = shard_costs(better, counts, new)
     assert better[1] > 200 and max(loads) / (sum(loads) / 2) < 1.01
+
+
+def test_gradient_independent_of_shard_layout_and_history():
+    """Any layout whose bounds fall on query groups gives bit-identical values, also when
+    max_elements caps the stacked group below query_batch, on a fresh engine per shard."""
+    from zohpc.zo import QueryEngine
+
+    model, x, y, coords, _ = gradient_problem("resnet20")
+    whole_engine = QueryEngine(model, query_batch=8, max_elements=3000)
+    base = whole_engine.prepare(x, y)
+    whole = cge(whole_engine, coords, 5e-3, "forward", base=base)
+    assert any(whole_engine.batch_size(pi) < 8 for pi in range(len(coords.counts)) if coords.counts[pi])
+    for parts, costs in [(2, None), (3, [1.0 + (i % 5) for i in range(len(coords.counts))])]:
+        bounds = balanced_bounds(list(coords.counts), costs or [1.0] * len(coords.counts), parts, granule=8)
+        pieces = []
+        for r in range(parts):
+            engine = QueryEngine(model, query_batch=8, max_elements=3000)  # no shared history
+            engine.prepare(x, y)
+            pieces.append(cge(engine, coords, 5e-3, "forward", bounds[r], bounds[r + 1], base=base))
+        assert torch.equal(torch.cat(pieces), whole)

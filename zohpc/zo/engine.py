@@ -490,7 +490,19 @@ class QueryEngine:
         self._set_feat_nodes()
         self._derive()
         self.base = self._loss_per_copy(self.env[self.logits_node], 1)[0]
+        self._probe_sizes()
         return self.base
+
+    def _probe_sizes(self):
+        """Fix every plan's stacked size per copy with one single-copy query, once per batch size.
+
+        Group sizes then depend on the plan and the minibatch shape only, never on which
+        queries a rank happened to run first: the same coordinates share a stacked pass on
+        every rank and in every shard layout (bit-identical gradients).
+        """
+        for pi, plan in enumerate(self.plans):
+            if plan.reaches_loss and plan.elems is None and self.params[pi].numel() > 0:
+                self.query(pi, [0], [0.0])
 
     def _fmt(self, t):
         """The engine's memory layout for a cached tensor (NHWC for 4-D when channels_last)."""
@@ -547,6 +559,7 @@ class QueryEngine:
         self._yrep = {}
         self._derive()
         self.base = torch.as_tensor(base).to(device=self.params[0].device, dtype=self.params[0].dtype).reshape(())
+        self._probe_sizes()
 
     def _need_prepared(self):
         if self.env is None:
@@ -976,7 +989,8 @@ class QueryEngine:
             for a in plan.free_after.get(n, ()):
                 reps.pop(a, None)
         per_copy = -(-big // Q)
-        plan.elems = per_copy if plan.elems is None else max(plan.elems, per_copy)
+        if plan.elems is None:  # frozen after the probe (see _probe_sizes)
+            plan.elems = per_copy
         r = reps[self.logits_node]
         if isinstance(r, _Per):
             return torch.stack([self._loss_per_copy(v, 1)[0] for v in r.vals])
@@ -1009,7 +1023,10 @@ class QueryEngine:
         e = self.plans[param_index].elems
         if e is None:
             return 1  # first query measures the plan's tensor sizes
-        return max(1, min(self.query_batch, self.max_elements // max(1, e)))
+        cap = max(1, min(self.query_batch, self.max_elements // max(1, e)))
+        # a divisor of query_batch: groups then tile the shards, whose bounds fall on
+        # multiples of query_batch within a parameter (zohpc.distributed.balanced_bounds)
+        return max(d for d in range(1, cap + 1) if self.query_batch % d == 0)
 
     @torch.no_grad()
     def central_losses(self, coords, start, stop, mu):
