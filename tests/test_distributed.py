@@ -138,3 +138,20 @@ def test_gradient_independent_of_shard_layout_and_history():
             engine.prepare(x, y)
             pieces.append(cge(engine, coords, 5e-3, "forward", bounds[r], bounds[r + 1], base=base))
         assert torch.equal(torch.cat(pieces), whole)
+
+
+@pytest.mark.parametrize("variant", [
+    ["--set", "zo.estimator=rge", "--set", "zo.rge_queries=16", "--set", "optim.lr=0.01", "--set", "prune.method=none"],
+    ["--set", "optim.name=lizo", "--set", "optim.lr=0.5", "--set", "optim.max_reuse_rate=0", "--set",
+     "prune.method=none"],
+], ids=["rge", "lizo"])
+def test_rge_and_lizo_training_same_on_1_and_2_ranks(tmp_path, variant):
+    runs = []
+    for k in (1, 2):
+        p = short_run(k, tmp_path / f"r{k}", *variant)
+        assert p.returncode == 0, p.stderr
+        runs.append([r for r in read_metrics(tmp_path / f"r{k}") if r["event"] == "step"])
+    l1, l2 = ([r["loss"] for r in run] for run in runs)
+    assert len(l1) == 8
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    assert all(r["queries"] > 0 for r in runs[0])

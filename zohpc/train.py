@@ -477,14 +477,13 @@ def lizo_step(comm: Comm, model, optimizer, x, y, x_shape, device):
         with guard:
             return F.cross_entropy(model(x), y)
 
-    q0 = optimizer.queries_made if hasattr(optimizer, "queries_made") else 0
+    q0 = optimizer.queries_made
     t0 = time.perf_counter()
     loss = optimizer.step(closure)
     compute = time.perf_counter() - t0
     if comm.is_driver:
         update_running_stats(model, x)
-    queries = (optimizer.queries_made - q0) if hasattr(optimizer, "queries_made") else 0
-    return float(loss), int(queries), compute
+    return float(loss), int(optimizer.queries_made - q0), compute
 
 
 def main(argv=None) -> None:
