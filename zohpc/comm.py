@@ -132,12 +132,6 @@ class Comm:
         if self.size > 1:
             self.mpi.Barrier()
 
-    def bcast_object(self, obj, root: int = 0):
-        """Pickled broadcast: start-up and rare control messages only, never the hot path."""
-        if self.size == 1:
-            return obj
-        return self.mpi.bcast(obj, root=root)
-
     # ------------------------------------------------------------------ errors
     def agree(self, fn, *args, **kwargs):
         """Run ``fn`` on every rank; if it raises a UserError on any rank, raise it on all.
