@@ -99,9 +99,6 @@ class StepTimes:
     param_bcast: float = 0.0
     extra: dict = field(default_factory=dict)
 
-    def total(self) -> float:
-        return self.driver_forward + self.bcast + self.compute + self.gather + self.optimizer + self.param_bcast
-
 
 class DistributedCGE:
     """The per-step protocol of sparse CGE over the ranks of ``comm``."""
