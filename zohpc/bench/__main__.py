@@ -1,6 +1,7 @@
 """``python -m zohpc.bench <name> [options]``: performance measurements printed as JSON.
 
-Each benchmark lives in its own module ``zohpc.bench.<name>`` with ``main(argv)``.
+Each benchmark lives in its own module ``zohpc.bench.<name>`` with ``build_parser()`` and
+``run(comm, args)``; this dispatcher parses the options and runs it under ``run_main``.
 Figures are ratios measured in one run on one machine, never assertions in tests.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+
+from ..comm import run_main
 
 BENCHES = {
     "engine": "query engine: naive vs block-level reuse vs per-layer engine",
@@ -27,7 +30,9 @@ def main(argv=None) -> int:
             return 2
         return 0
     module = importlib.import_module(f"zohpc.bench.{argv[0]}")
-    return module.main(argv[1:]) or 0
+    args = module.build_parser().parse_args(argv[1:])
+    run_main(lambda comm: module.run(comm, args), f"zohpc.bench {argv[0]}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..comm import run_main
 from ..errors import ConfigError
 from ..models import MODEL_NAMES, build_model
 from ..zo import Coordinates, QueryEngine
@@ -272,14 +270,6 @@ def run(comm, args) -> dict:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    run_main(lambda comm: run(comm, args), "zohpc.bench engine")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["main", "build_parser"]
+__all__ = ["run", "build_parser"]

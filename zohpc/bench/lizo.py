@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 
 import torch
 
-from ..comm import run_main
 from ..optim import LIZO, ZOSGD
 
 N_SAMPLE = 8  # LIZO rows per step and ZO-SGD directions per step (equal sampling effort)
@@ -230,13 +228,3 @@ def _print_table(result) -> None:
             print(f"{p['problem']:<36}{p['dim']:>6}{m:>14}{_fmt(r['lr']):>9}{_fmt(r['queries_to_target']):>11}"
                   f"{_fmt(r['final_loss']):>11}{_fmt(r.get('reuse_rate')):>7}{r['overhead_us_per_step']:>9.0f}")
     print(json.dumps(result["summary"]))
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    run_main(lambda comm: run(comm, args), "zohpc.bench lizo")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
 
-from ..comm import run_main
 from ..distributed import DistributedCGE, choose_features_mode
 from ..masks import layerwise_random_masks, maskable_names
 from ..models import MODEL_NAMES, build_model
@@ -123,13 +121,3 @@ def run(comm, args) -> int:
         for k, v in result.items():
             print(f"{k:24s} {v}")
     return 0
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    run_main(lambda comm: run(comm, args), "zohpc.bench scaling")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

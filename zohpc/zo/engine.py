@@ -1000,6 +1000,18 @@ class QueryEngine:
         if list(coords.param_names) != self.param_names:
             raise ValueError("coordinates were built for a different model")
 
+    def _groups(self, coords, start, stop, per_pass):
+        """The stacked passes of positions [start, stop): (param index, flat indices) groups.
+
+        Group sizes are fixed per parameter (see batch_size), so a shard starting on a
+        multiple of query_batch within a parameter is cut into the same groups everywhere.
+        """
+        for pi, flat in coords.runs(start, stop):
+            flat = flat.tolist()
+            size = per_pass(pi)
+            for i in range(0, len(flat), size):
+                yield pi, flat[i:i + size]
+
     @torch.no_grad()
     def losses(self, coords, start: int = 0, stop: int | None = None, mu: float = 5e-3, sign: int = 1):
         """f(theta + sign*mu*e_k) for global coordinate positions k in [start, stop)."""
@@ -1008,14 +1020,9 @@ class QueryEngine:
         stop = coords.total if stop is None else stop
         out = self.base.new_empty(stop - start)
         pos = 0
-        for pi, flat in coords.runs(start, stop):
-            flat = flat.tolist()
-            i = 0
-            while i < len(flat):
-                chunk = flat[i:i + self.batch_size(pi)]
-                out[pos:pos + len(chunk)] = self.query(pi, chunk, [sign * mu] * len(chunk))
-                pos += len(chunk)
-                i += len(chunk)
+        for pi, chunk in self._groups(coords, start, stop, self.batch_size):
+            out[pos:pos + len(chunk)] = self.query(pi, chunk, [sign * mu] * len(chunk))
+            pos += len(chunk)
         return out
 
     def batch_size(self, param_index: int) -> int:
@@ -1036,16 +1043,11 @@ class QueryEngine:
         plus = self.base.new_empty(stop - start)
         minus = self.base.new_empty(stop - start)
         pos = 0
-        for pi, flat in coords.runs(start, stop):
-            flat = flat.tolist()
-            i = 0
-            while i < len(flat):
-                chunk = flat[i:i + max(1, self.batch_size(pi) // 2)]
-                k = len(chunk)
-                v = self.query(pi, chunk + chunk, [mu] * k + [-mu] * k)
-                plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
-                pos += k
-                i += k
+        for pi, chunk in self._groups(coords, start, stop, lambda pi: max(1, self.batch_size(pi) // 2)):
+            k = len(chunk)
+            v = self.query(pi, chunk + chunk, [mu] * k + [-mu] * k)
+            plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
+            pos += k
         return plus, minus
 
     @torch.no_grad()
