@@ -1,0 +1,46 @@
+"""The task contract: what is being trained. Everything below it (engine, estimators,
+step protocol, checkpoints) is the same for every task.
+
+A task is built on every rank by a factory ``factory(cfg) -> Task`` (a built-in such as
+``classify``, or a user's plug-in named ``package.module:factory``). Its objective may be a
+black box: ZO only ever needs its values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Task:
+    """A model, its data and its objective.
+
+    ``model``: any ``nn.Module`` (traceable by torch.fx for per-layer feature reuse; any other
+    module still trains, with a full forward per query).
+    ``train`` / ``test``: ``(inputs, targets)`` tensors with equal first dimension, or a
+    ``torch.utils.data.Dataset`` of ``(input, target)`` pairs. Targets may have any shape and
+    dtype. ``test`` may be None (no evaluation).
+    ``loss(outputs, targets)``: the objective for ONE copy of the model on one minibatch:
+    ``outputs`` is the model's output for the minibatch, ``targets`` the minibatch's
+    targets; returns a float or a 0-dim tensor. It may be a black box (numpy on detached
+    values, an external program).
+    ``batched_loss(outputs, targets)``: optional fast path: ``outputs`` stacks Q perturbed
+    copies, shape ``(Q, B, ...)``; returns a tensor of shape ``(Q,)``, entry q equal to
+    ``loss(outputs[q], targets)``.
+    ``metrics(outputs, targets)``: optional evaluation metrics on a test batch, a dict of
+    name -> mean value over the batch (averaged over the test set weighted by batch size).
+    ``options``: the task's resolved ``[task]`` options, recorded in the run directory.
+    """
+
+    model: nn.Module
+    train: Any
+    loss: Callable[[torch.Tensor, torch.Tensor], Any]
+    test: Any = None
+    batched_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
+    name: str = "task"
+    options: dict = field(default_factory=dict)
