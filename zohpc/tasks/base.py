@@ -44,3 +44,27 @@ class Task:
     metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
     name: str = "task"
     options: dict = field(default_factory=dict)
+
+
+def task_options(cfg, defaults: dict, task: str) -> dict:
+    """The task's ``[task]`` options (``cfg.task.options``) over ``defaults``, type-checked.
+
+    Unknown keys and values whose type differs from the default's raise ConfigError naming
+    the key (ints are accepted where floats are expected).
+    """
+    from ..errors import ConfigError
+
+    given = dict(getattr(getattr(cfg, "task", None), "options", None) or {})
+    out = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ConfigError(f"config key 'task.{key}': unknown option of task '{task}' "
+                              f"(known: {', '.join(sorted(defaults)) or 'none'})")
+        want = type(defaults[key])
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"config key 'task.{key}': expected {want.__name__}, got {value!r}")
+        out[key] = value
+    return out
