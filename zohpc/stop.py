@@ -16,7 +16,9 @@ SIGUSR1 to every rank) deliver the signal to all ranks.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 
@@ -45,6 +47,9 @@ class StopRequest:
         self._announced = False
         self._last_poll = 0.0
         self._saved: dict = {}
+        self.phase = ""  # set by the run: "masks", "cost model", "step", ... (for the test hook)
+        self._inject = _injection(comm.rank)
+        self._checks = 0
 
     # ---- installation (the run does this visibly, and undoes it) -------------------
     def install(self) -> "StopRequest":
@@ -65,9 +70,18 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None or self.notified
 
+    def enter(self, phase: str) -> None:
+        self.phase, self._checks = phase, 0
+
     def check(self) -> None:
         """Raise StepAbandoned if a stop was requested here or elsewhere (cheap: a flag test,
         and a non-blocking probe for other ranks' notices at most every ``poll_seconds``)."""
+        if self._inject is not None and self._inject[0] == self.phase:
+            self._checks += 1
+            if self._checks == self._inject[1]:
+                sys.stderr.write(f"zohpc: test hook: SIGTERM to rank {self.comm.rank} in {self.phase} "
+                                 f"at {time.time():.3f}\n")
+                os.kill(os.getpid(), signal.SIGTERM)
         if self.signum is None and not self.notified:
             now = time.perf_counter()
             if now - self._last_poll < self.poll_seconds:
@@ -89,3 +103,16 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "notice from another rank"
+
+
+def _injection(rank: int):
+    """Test hook ``ZOHPC_TEST_SIGNAL=PHASE:N[:RANK]``: this process sends itself SIGTERM at
+    the N-th stop check of PHASE (on rank RANK only, or on every rank), so tests can stop a
+    run at an exact place (during pruning, the cost model, or inside a step)."""
+    spec = os.environ.get("ZOHPC_TEST_SIGNAL")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) == 3 and int(parts[2]) != rank:
+        return None
+    return parts[0], int(parts[1])

@@ -124,8 +124,10 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
     try:
         if plan.checkpoint is None:
             with progress.phase("masks", _masks_what(cfg)):
+                stop.enter("masks")
                 trainer.setup_masks(_pruning_data(task))
         with progress.phase("cost model"):
+            stop.enter("cost model")
             trainer.setup_estimator()
         if trainer.reuse_off_reason:
             progress.say(f"{progress.prog}: feature reuse off ({trainer.reuse_off_reason}): every query is a "
@@ -139,6 +141,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
                               phases={k: round(v, 3) for k, v in progress.phases.items()})
             trainer.metrics.write(ready)
             progress.say(f"{progress.prog}: ready after {ready.startup_seconds:.1f} s")
+        stop.enter("step")
         summary = trainer.fit(run_dir, t_process)
     except Preempted:
         path = None

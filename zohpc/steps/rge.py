@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from ..stop import StepAbandoned
 from ..zo import Coordinates
-from ..zo.rge import rge_combine, rge_losses
+from ..zo.rge import active_scatter, rge_combine, rge_losses
 from .protocol import StepResult, settle, share_batch, share_state
 from .sharding import contiguous_split
 
@@ -53,7 +53,7 @@ class RGEStep:
         try:
             base = float(self.evaluator.prepare(x, y))  # every rank: the same forward, the same value
             local = rge_losses(self.evaluator, self.coords.total, (self.seed, step), lo, hi, self.mu,
-                               scatter=self.coords.scatter_block, check=check)
+                               scatter=active_scatter(self.coords), check=check)
         except StepAbandoned:
             abandoned = True
         except UserError as exc:
