@@ -118,6 +118,17 @@ def stoppable(stop, fn):
     return result
 
 
+def _injected_failure():
+    """Test hook ``ZOHPC_TEST_FAIL_AT=RANK:STEP``: that rank raises at that step (the abort path)."""
+    import os
+
+    spec = os.environ.get("ZOHPC_TEST_FAIL_AT")
+    if not spec:
+        return None
+    rank, step = spec.split(":")
+    return int(rank), int(step)
+
+
 class Trainer:
     """Owns everything a checkpoint holds and runs the epochs (see the module docstring)."""
 
@@ -316,6 +327,8 @@ class Trainer:
     def train_step(self, x, y):
         """One step of the configured estimator at ``self.step`` (see ``zohpc.steps``)."""
         coords = self.coords
+        if _injected_failure() == (self.comm.rank, self.step):
+            raise RuntimeError(f"injected failure (ZOHPC_TEST_FAIL_AT) at step {self.step}")
 
         def apply_update(values, x_batch):
             if values is not None:
