@@ -203,18 +203,19 @@ class DistributedCGE:
             comm.bcast_(base)
             if self.features == "recompute":
                 x, y = self._share_batch(x, y, batch_shape, batch_shape[0], dtype, device)
-            else:  # the features include the input batch and the labels
+            else:  # the features include the input batch; the labels follow
                 if comm.is_driver:
-                    feats = [t.contiguous() for t in engine.feature_tensors()]
+                    feats = [t.contiguous() for t in engine.feature_tensors()] + [engine.y.contiguous()]
                 else:
                     key = tuple(batch_shape)
                     if key not in self._feature_shapes:  # one forward on zeros, once per batch shape
                         self._feature_shapes[key] = engine.feature_shapes(key)
                     feats = [torch.empty(s, dtype=dt, device=device) for s, dt in self._feature_shapes[key]]
+                    feats.append(torch.empty(batch_shape[0], dtype=torch.int64, device=device))
                 for t in feats:
                     comm.bcast_(t)
                 if not comm.is_driver:
-                    engine.load_features(feats, base[0])
+                    engine.load_features(feats[:-1], feats[-1], base[0])
             times.bcast = time.perf_counter() - t1
             if self.features == "recompute" and not comm.is_driver:
                 t2 = time.perf_counter()
