@@ -22,7 +22,7 @@ from .masks import layer_ratios, layerwise_random_masks, mask_draw, read_mask_fi
 from .steps import CGEStep, LIZOStep, RGEStep
 from .steps.protocol import standard
 from .steps.sharding import contiguous_split
-from .stop import Preempted, StepAbandoned
+from .stop import Preempted, StepAbandoned, no_check
 from .zo import Coordinates
 from .zo.engine import NondeterministicModelError, QueryEngine, check_deterministic
 from .zo.objective import Objective
@@ -225,8 +225,8 @@ class Trainer:
             from .prune import prune_masks
 
             masks, ratios = prune_masks(self.model, cfg.prune.method, cfg.prune.sparsity, splits_for_pruning,
-                                        cfg.prune, cfg.train.seed, comm, objective=self.objective,
-                                        check=self.stop.check if self.stop else None, stop=self.stop)
+                                        cfg.prune, cfg.train.seed, comm, query_batch=cfg.zo.query_batch,
+                                        check=self.stop.check if self.stop else no_check)
             self.masks = MaskSchedule(self.masks.shapes, cfg.train.seed, cfg.prune.mask_interval,
                                       ratios=ratios, fixed=masks, source=f"{cfg.prune.method} at sparsity "
                                       f"{cfg.prune.sparsity}")
@@ -263,7 +263,7 @@ class Trainer:
 
         x, y = self._first_batch()
         local = stoppable(self.stop, lambda: calibrated_costs(engine, coords, x, y,
-                                                              check=self.stop.check if self.stop else None))
+                                                              check=self.stop.check if self.stop else no_check))
         costs = torch.tensor(local, dtype=torch.float64)
         self.comm.allreduce_sum_(costs)
         return (costs / self.comm.size).tolist()
