@@ -2,7 +2,13 @@
 
 from .coords import Coordinates
 from .engine import NondeterministicModelError, QueryEngine, check_deterministic, tune_malloc
-from .estimators import cge, rge
+from .estimators import cge
+from .batchnorm import batch_stats_only
+from .rge import active_scatter, contiguous_split, rge_coefficients, rge_combine, rge_losses, sharded_losses
+from .stacked import FullForwardEngine, StackedForward
 
-__all__ = ["Coordinates", "QueryEngine", "cge", "rge", "check_deterministic", "NondeterministicModelError",
-           "tune_malloc"]
+__all__ = ["Coordinates", "QueryEngine", "cge", "check_deterministic", "NondeterministicModelError",
+           "tune_malloc",
+           "batch_stats_only",
+           "active_scatter", "contiguous_split", "rge_coefficients", "rge_combine", "rge_losses", "sharded_losses",
+           "FullForwardEngine", "StackedForward"]
