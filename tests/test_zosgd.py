@@ -55,6 +55,19 @@ def test_rge_central_difference_is_exact_on_a_quadratic():
     assert torch.equal(x.detach(), x0) and loss == pytest.approx(float(f().detach()))
 
 
+def test_each_step_draws_new_directions_named_by_seed_and_step():
+    x, f, _ = quadratic(6, 8)
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=0)
+    g0 = x.grad.clone()
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=1)
+    assert not torch.allclose(g0, x.grad)
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=0)
+    assert torch.equal(g0, x.grad)
+    est = RGE([x], q=3, mu=1e-4, seed=1)
+    est.estimate(f)
+    assert torch.equal(g0, x.grad) and est.state_dict()["steps"] == 1
+
+
 def test_sign_sgd_moves_by_lr_times_sign_of_the_estimate():
     x, f, _ = quadratic(12, 4)
     x0 = x.detach().clone()
