@@ -276,3 +276,30 @@ def test_engine_check_is_called_between_passes():
     eng.check = stop
     with pytest.raises(StepAbandoned):
         eng.central_losses(coords, 0, 4, 1e-3)
+
+
+class _ViewsInput(nn.Module):
+    """Flattens its input with .view, which a channels-last batch cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_layout_falls_back_for_a_model_that_views_its_input():
+    torch.manual_seed(0)
+    model = _ViewsInput().to(D64)
+    _, x, y = _problem()
+    sf = StackedForward(model, query_batch=1)
+    base = sf.prepare(x, y)
+    assert sf.stacking == "loop" and sf._nhwc[tuple(x.shape)] is False
+    assert torch.allclose(base, _reference_loss(model, x, y), rtol=0, atol=1e-13)
+    d = 1e-2 * torch.randn(2, sf.dim, dtype=D64)
+    assert torch.allclose(sf.losses_of(d), torch.stack([_reference_loss(model, x, y, r) for r in d]), rtol=0, atol=1e-13)
+    conv, x, y = _problem(on_activation=True)
+    looped = StackedForward(conv, query_batch=4)
+    looped.prepare(x, y)
+    assert looped.stacking == "loop" and looped._nhwc[tuple(x.shape)] is True

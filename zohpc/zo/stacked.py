@@ -30,12 +30,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..stop import no_check
 from .batchnorm import batch_stats_only
-from .objective import Objective
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+from .objective import Objective, _one_line
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -74,6 +69,7 @@ class StackedForward:
         self._theta: list[torch.Tensor] | None = None
         self._theta64: torch.Tensor | None = None
         self._per_copy: dict = {}  # input shape -> largest module output (elements) of one copy
+        self._nhwc: dict = {}  # input shape -> run passes on a channels-last input
 
     # ---- preparation --------------------------------------------------------------------
 
@@ -97,12 +93,30 @@ class StackedForward:
         key = tuple(x.shape)
         if key not in self._per_copy:
             out, self._per_copy[key] = self._measured_forward()
+            if self.stacking is None:
+                self._decide_stacking()
+            out = self._choose_layout(key, out)
         else:
+            if self._nhwc[key]:
+                self._x = x.contiguous(memory_format=torch.channels_last)
             out = self._forward(self._theta)
         self.base = self.objective(out, self._y, 1).reshape(-1)[0]
-        if self.stacking is None:
-            self._decide_stacking()
         return self.base
+
+    def _choose_layout(self, key, out):
+        """Channels-last input for 4-D float batches on the CPU when copies run one per pass
+        (oneDNN convolutions measured 1.3-1.5x faster; vmap passes gain nothing), unless the
+        model cannot take it (e.g. it views its input). Fixed per batch shape."""
+        x = self._x
+        self._nhwc[key] = False
+        if x.dim() == 4 and x.is_floating_point() and self.device.type == "cpu" and self.copies_per_pass == 1:
+            self._x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                out = self._forward(self._theta)
+                self._nhwc[key] = True
+            except Exception:  # noqa: BLE001 - keep the layout the model was written for
+                self._x = x
+        return out
 
     def _forward(self, params: list[torch.Tensor]) -> torch.Tensor:
         with batch_stats_only(self.model):
