@@ -164,6 +164,9 @@ def test_center_moves_the_point_not_the_model():
     ref = torch.stack([_reference_loss(model, x, y, shift + r) for r in d])
     assert torch.allclose(sf.losses_of(d), ref, rtol=0, atol=1e-13)
     assert _same_state(model, saved)
+    # a rank that needs no base loss skips that pass; its queries are the same
+    assert sf.prepare(x, y, center=center, base=False) is None and sf.base is None
+    assert torch.allclose(sf.losses_of(d), ref, rtol=0, atol=1e-13)
 
 
 def test_check_runs_between_passes_and_can_abandon():

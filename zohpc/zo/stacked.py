@@ -74,8 +74,14 @@ class StackedForward:
     # ---- preparation --------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare(self, x, y, center: torch.Tensor | None = None) -> torch.Tensor:
-        """Fix the minibatch and the point (the model's parameters, or the flat ``center``); base loss."""
+    def prepare(self, x, y, center: torch.Tensor | None = None, base: bool = True):
+        """Fix the minibatch and the point (the model's parameters, or the flat ``center``).
+
+        Returns the base loss ``f(center)`` (0-dim), also kept as ``.base``. ``base=False``
+        skips that forward pass (after the first one for a batch shape) and returns None: for
+        a rank that only evaluates its queries, or a driver that has the base loss from its
+        own training-mode forward (same batch statistics, same value).
+        """
         x = torch.as_tensor(x).to(self.device)
         if x.is_floating_point():
             x = x.to(self.dtype)
@@ -99,8 +105,8 @@ class StackedForward:
         else:
             if self._nhwc[key]:
                 self._x = x.contiguous(memory_format=torch.channels_last)
-            out = self._forward(self._theta)
-        self.base = self.objective(out, self._y, 1).reshape(-1)[0]
+            out = self._forward(self._theta) if base else None
+        self.base = self.objective(out, self._y, 1).reshape(-1)[0] if base else None
         return self.base
 
     def _choose_layout(self, key, out):
@@ -201,7 +207,7 @@ class StackedForward:
 
     @torch.no_grad()
     def losses_of(self, deltas: torch.Tensor, check=no_check) -> torch.Tensor:
-        """``f(center + deltas[k])`` for the rows of ``deltas`` (K, D): a (K,) tensor (model dtype).
+        """``f(center + deltas[k])`` for the rows of ``deltas`` (K, D): a (K,) tensor (the objective's dtype).
 
         Rows are stacked ``copies_per_pass`` at a time, counted from row 0; ``check()`` runs
         before every pass. Each copy's parameters are ``center + delta`` rounded once from float64.
@@ -213,15 +219,15 @@ class StackedForward:
         if self._theta64 is None:
             self._theta64 = torch.cat([t.reshape(-1) for t in self._theta]).double()
         K = deltas.shape[0]
-        out = self.base.new_empty(K)
+        out = []
         size = self.copies_per_pass
         for a in range(0, K, size):
             check()
             b = min(K, a + size)
             rows = (self._theta64 + deltas[a:b].to(device=self.device, dtype=torch.float64)).to(self.dtype)
             batched = {n: t.view(b - a, *s) for n, t, s in zip(self.names, rows.split(self.numels, dim=1), self.shapes)}
-            out[a:b] = self._losses(batched, b - a)
-        return out
+            out.append(self._losses(batched, b - a))
+        return torch.cat(out) if out else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def coordinate_losses(self, param_index: int, flat, steps) -> torch.Tensor:
@@ -232,7 +238,7 @@ class StackedForward:
         """
         k = len(flat)
         if k == 0:
-            return self.base.new_empty(0)
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
         t = self._theta[param_index]
         copies = t.reshape(1, -1).repeat(k, 1)
         rows = torch.arange(k, device=t.device)
