@@ -60,6 +60,7 @@ from .zo.rge import rge_coefficients, rge_combine, sharded_losses
 from .zo.stacked import StackedForward
 
 METHODS = ("zo_grasp", "grasp", "random", "magnitude")
+DIRECTION_TAG = "zo-grasp-direction"  # zohpc.seeding stream of ZO-GraSP's directions, parts (seed, j)
 
 
 # ---------------------------------------------------------------------------- data
@@ -76,9 +77,6 @@ def select_prune_batch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes
     if idx.numel() == 0:
         raise DataError("training data has no examples to prune with")
     return train_x[idx.to(train_x.device)], train_y.reshape(-1)[idx.to(train_y.device)]
-
-
-DIRECTION_TAG = "zo-grasp-direction"
 
 
 # ---------------------------------------------------------------------------- losses
@@ -144,14 +142,14 @@ def grasp_scores(model: nn.Module, hg: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def importance_scores(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, prune_cfg, seed: int,
-                      comm=None, *, query_batch: int = 32, check=no_check) -> dict[str, torch.Tensor]:
+                      comm=None, *, query_batch: int = 32, check=no_check, objective=None) -> dict[str, torch.Tensor]:
     """Per-maskable-weight importance (higher = keep) for ``method``."""
     params = dict(model.named_parameters())
     names = maskable_names(model)
     if method in ("zo_grasp", "grasp"):
         if method == "zo_grasp":
             _, hg = zo_grasp_hg(model, x, y, prune_cfg.queries, prune_cfg.mu, seed, comm,
-                                query_batch=query_batch, check=check)
+                                query_batch=query_batch, check=check, objective=objective)
         else:
             _, hg = grasp_hg(model, x, y)
         return {n: -s for n, s in grasp_scores(model, hg).items()}  # keep the lowest S
@@ -176,21 +174,23 @@ def _bcast_masks(masks: dict[str, torch.Tensor], comm) -> dict[str, torch.Tensor
 
 
 def prune_masks(model: nn.Module, method: str, sparsity: float, data_splits, prune_cfg, seed: int, comm=None, *,
-                query_batch: int = 32, check=no_check):
+                query_batch: int = 32, check=no_check, objective=None):
     """Masks at initialization for ``model``: ``(masks, ratios)``, identical on every rank.
 
     ``data_splits`` needs ``train_x``, ``train_y`` and ``num_classes``; the pruning batch is
     :func:`select_prune_batch` with ``prune_cfg.samples_per_class``. Global pruning to
     ``round(sparsity * total)`` inactive coordinates (see :func:`zohpc.masks.masks_from_scores`).
-    The model is not modified. ``query_batch``: copies per stacked pass (ZO-GraSP);
-    ``check``: the stop check run between passes (raises StepAbandoned to abandon).
+    The model is not modified. ZO-GraSP options: ``query_batch`` (copies per stacked pass),
+    ``check`` (the stop check run between passes; StepAbandoned propagates), ``objective``
+    (the task's ``(outputs, targets, Q) -> (Q,)``; default :func:`cross_entropy64`).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"config key 'prune.sparsity': {sparsity!r} is out of range (must be in [0, 1))")
     comm = _world(comm)
     x, y = select_prune_batch(data_splits.train_x, data_splits.train_y, data_splits.num_classes,
                               prune_cfg.samples_per_class, seed)
-    scores = importance_scores(model, method, x, y, prune_cfg, seed, comm, query_batch=query_batch, check=check)
+    scores = importance_scores(model, method, x, y, prune_cfg, seed, comm, query_batch=query_batch, check=check,
+                               objective=objective)
     masks, _ = masks_from_scores(scores, sparsity)
     masks = _bcast_masks(masks, comm)
     return masks, layer_ratios(masks)

@@ -80,7 +80,8 @@ class StackedForward:
         Returns the base loss ``f(center)`` (0-dim), also kept as ``.base``. ``base=False``
         skips that forward pass (after the first one for a batch shape) and returns None: for
         a rank that only evaluates its queries, or a driver that has the base loss from its
-        own training-mode forward (same batch statistics, same value).
+        own training-mode forward (same batch statistics, same value). Call it again after
+        the model's parameters change (the point is read here).
         """
         x = torch.as_tensor(x).to(self.device)
         if x.is_floating_point():
