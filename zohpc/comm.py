@@ -14,6 +14,7 @@ import traceback
 import torch
 
 from .errors import EXIT_USER_ERROR, UserError
+from .launch import check_launch
 
 # mpi4py initializes MPI on import; with no mpiexec it starts as a singleton of size 1.
 from mpi4py import MPI  # noqa: E402
@@ -194,6 +195,7 @@ def run_main(fn, prog: str = "zohpc") -> None:
     """
     comm = world()
     try:
+        comm.agree(check_launch, comm.size)  # before the entry point touches any file
         code = fn(comm)
     except SystemExit:
         raise
