@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-DAEMONS = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel"]
+COMMANDS = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel"]
 TEMPLATE_VARS = {"CONFIG", "OUT", "EXTRA_SETS", "MODULES", "VENV", "MASKS", "METHOD", "SPARSITY", "SEED", "SWEEP_FILE"}
 GUARD_LINE = "this Slurm step has 2 tasks but each task is a separate 1-rank MPI world"
 
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 def _missing() -> list[str]:
-    return [d for d in DAEMONS if shutil.which(d, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    return [d for d in COMMANDS if shutil.which(d, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
 
 
 def _install() -> None:
@@ -63,7 +63,7 @@ class Cluster:
         self.base = base
         self.procs: list[subprocess.Popen] = []
         self.node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-        self.cpus = os.cpu_count() or 1
+        self.cpus = max(2, os.cpu_count() or 1)  # the jobs run 2 ranks (config_overrides lets slurmd accept it)
         # munged runs as the munge user, which cannot enter pytest's 0700 temp dirs: a dir of its own
         self.munge_dir = Path(tempfile.mkdtemp(prefix="zohpc-munge-"))
         self.conf = base / "slurm.conf"
@@ -92,13 +92,13 @@ class Cluster:
                      f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
                      f"--seed-file={mdir / 'munged.seed'}", "--num-threads=2"],
                     user=munge.pw_uid, group=munge.pw_gid, log=self.base / "munged.out")
-        self._wait(lambda: self.munge_socket.exists(), 30, "munged did not create its socket")
+        self.wait_for(lambda: self.munge_socket.exists(), 30, "munged did not create its socket")
         for sub in ("state", "spool"):
             (self.base / sub).mkdir()
         self.conf.write_text(self.slurm_conf())
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], log=self.base / "slurmctld.out")
         self._spawn(["slurmd", "-D", "-f", str(self.conf)], log=self.base / "slurmd.out")
-        self._wait(lambda: self.sh("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.strip() == "idle", 90,
+        self.wait_for(lambda: self.sh("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.strip() == "idle", 90,
                    "the node did not become idle")
 
     def slurm_conf(self) -> str:
@@ -181,7 +181,7 @@ class Cluster:
                          ("slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out", "munged.out"))
 
     @staticmethod
-    def _wait(cond, timeout: float, what: str, step: float = 0.5):
+    def wait_for(cond, timeout: float, what: str, step: float = 0.5):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = cond()
@@ -212,7 +212,7 @@ class Cluster:
     def wait_done(self, job_id: str, timeout: float) -> dict[str, str]:
         final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
         try:
-            return self._wait(lambda: (j := self.job(job_id)) and j.get("JobState") in final and j, timeout,
+            return self.wait_for(lambda: (j := self.job(job_id)) and j.get("JobState") in final and j, timeout,
                               f"job {job_id} did not finish", step=1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {self.job(job_id)}\n{self.diagnostics()}") from None
@@ -238,11 +238,10 @@ def cluster(tmp_path_factory, request):
         yield c
     finally:
         c.stop()
-        report = request.config.pluginmanager.get_plugin("terminalreporter")
-        if report is not None and OUTCOMES:
-            report.write_line("")
-            for name, outcome in OUTCOMES.items():
-                report.write_line(f"slurm: {name}: {outcome}")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if capture is not None and OUTCOMES:  # each job's outcome and duration, on the terminal
+            with capture.global_and_fixture_disabled():
+                print("\n" + "\n".join(f"slurm: {name}: {outcome}" for name, outcome in OUTCOMES.items()))
 
 
 @pytest.fixture(scope="module")
@@ -339,13 +338,13 @@ def test_preempted_job_requeues_resumes_and_matches_the_straight_run(cluster, su
             return 0
 
     # 1. the time-limit warning, by hand: SIGUSR1 to the batch shell only
-    cluster._wait(lambda: max_step() > 0, 180, f"job {job_id} did not start training", step=0.2)
+    cluster.wait_for(lambda: max_step() > 0, 180, f"job {job_id} did not start training", step=0.2)
     cluster.sh("scancel", "--signal=USR1", "--batch", job_id)
-    cluster._wait(lambda: "(restart 1) started" in job_log(out, "train", job_id), 120,
+    cluster.wait_for(lambda: "(restart 1) started" in job_log(out, "train", job_id), 120,
                   f"job {job_id} was not requeued after SIGUSR1", step=0.5)
     stopped_at = int(re.search(r"checkpoint written at step (\d+)", job_log(out, "train", job_id)).group(1))
     # 2. a requeue from outside (an admin, preemption) while the resumed run trains
-    cluster._wait(lambda: max_step() > stopped_at + 2, 180, f"job {job_id} did not resume training", step=0.2)
+    cluster.wait_for(lambda: max_step() > stopped_at + 2, 180, f"job {job_id} did not resume training", step=0.2)
     cluster.sh("scontrol", "requeue", job_id)
     job = cluster.wait_done(job_id, 300)
     record("train job preempted (USR1, then outside requeue)", job, time.monotonic() - t0)
