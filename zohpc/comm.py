@@ -14,6 +14,7 @@ import traceback
 import torch
 
 from .errors import EXIT_USER_ERROR, UserError
+from .launch import check_launch
 
 # mpi4py initializes MPI on import; with no mpiexec it starts as a singleton of size 1.
 from mpi4py import MPI  # noqa: E402
@@ -248,6 +249,7 @@ def run_guarded(fn, prog: str = "zohpc"):
     """
     comm = world()
     try:
+        comm.agree(check_launch, comm.size)  # before the entry point touches any file
         return fn(comm)
     except SystemExit:
         raise
