@@ -414,7 +414,7 @@ def test_ranks_with_different_threads_and_contrary_arithmetic_follow_one_rank(tm
 
 
 def test_orthogonal_directions_are_orthonormal_and_blocks_are_contiguous():
-    from zohpc.optim._queries import block_counts
+    from zohpc.sharding import contiguous_split
 
     x = make_param(12, 8)
     opt = LIZO([x], lr=0.01, num_sample_per_step=5, orthogonal_sample=True, sample_norm=0.02)
@@ -422,6 +422,6 @@ def test_orthogonal_directions_are_orthonormal_and_blocks_are_contiguous():
     assert torch.allclose(rows @ rows.T, 0.02 ** 2 * torch.eye(5, dtype=D64), rtol=0, atol=1e-15)
     plain = LIZO([x], lr=0.01, sample_norm=0.02).sample_directions(4, 12)
     assert torch.allclose(plain.norm(dim=1), torch.full((4,), 0.02, dtype=D64), rtol=1e-14)
-    assert block_counts(7, 3) == [3, 2, 2] and block_counts(2, 3) == [1, 1, 0]
+    assert contiguous_split(7, 3) == [0, 2, 4, 7] and contiguous_split(2, 3) == [0, 0, 1, 2]
     with pytest.raises(ValueError):
         LIZO([x], lr=0.01, max_reuse_rate=1.5)

@@ -16,7 +16,8 @@ from mpi_util import ROOT, run_ranks
 from zohpc.stop import StepAbandoned
 from zohpc.zo import Coordinates
 from zohpc.zo.batchnorm import batch_stats_only
-from zohpc.zo.rge import (active_scatter, contiguous_split, direction, directions, rge_coefficients, rge_combine,
+from zohpc.sharding import contiguous_split
+from zohpc.zo.rge import (active_scatter, direction, directions, rge_coefficients, rge_combine,
                           rge_losses, sharded_losses)
 from zohpc.zo.stacked import StackedForward
 

@@ -111,6 +111,31 @@ class Comm:
         self.mpi.Allgatherv(host.numpy(), [out.numpy(), counts, displs, None])
         return out.to(local.device)
 
+    def allgatherv_or_abandon(self, work, counts: list[int]) -> torch.Tensor:
+        """``allgatherv`` of the float64 values ``work()`` returns on each rank (rank r:
+        ``counts[r]`` values), where ``work`` may raise StepAbandoned (a stop request).
+
+        One flag per rank travels with the values: if any rank abandoned, every rank raises
+        StepAbandoned after the collective, so all ranks leave at the same point and the
+        next collective matches.
+        """
+        from .stop import StepAbandoned
+
+        try:
+            local = work().to(torch.float64).reshape(-1)
+            flag = 0.0
+        except StepAbandoned:
+            local = torch.full((counts[self.rank],), float("nan"), dtype=torch.float64)
+            flag = 1.0
+        buf = torch.cat([local.cpu(), torch.tensor([flag], dtype=torch.float64)]).contiguous()
+        every = self.allgatherv(buf, [c + 1 for c in counts])
+        ends = torch.tensor(counts, dtype=torch.int64).add(1).cumsum(0)
+        if bool((every[ends - 1] > 0).any()):
+            raise StepAbandoned()
+        keep = torch.ones(every.shape[0], dtype=torch.bool)
+        keep[ends - 1] = False
+        return every[keep]
+
     def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return tensor

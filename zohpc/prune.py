@@ -70,9 +70,18 @@ def select_prune_batch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes
     (:func:`zohpc.data.class_balanced_indices`), grouped by class.
 
     A class with fewer examples contributes all it has; no examples at all is a DataError.
+    Targets that are not class labels (``num_classes`` 0: regression, images, ...) give
+    ``10 * samples_per_class`` examples drawn by a seeded permutation.
     """
     from .data import class_balanced_indices
+    from .seeding import generator
 
+    if int(num_classes) <= 0:
+        n = train_x.shape[0]
+        if n == 0:
+            raise DataError("training data has no examples to prune with")
+        idx = torch.randperm(n, generator=generator("prune-batch", seed))[:10 * int(samples_per_class)]
+        return train_x[idx.to(train_x.device)], train_y[idx.to(train_y.device)]
     idx = class_balanced_indices(train_y.reshape(-1), int(samples_per_class), int(seed), int(num_classes))
     if idx.numel() == 0:
         raise DataError("training data has no examples to prune with")

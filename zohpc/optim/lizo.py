@@ -254,6 +254,16 @@ class LIZO(Optimizer):
         return rows * self.sample_norm
 
     @property
+    def query_check(self):
+        """Called between this rank's queries of a batch (a stop check: it may raise
+        ``zohpc.stop.StepAbandoned``, then every rank raises it after the batch's gather)."""
+        return self._runner.check
+
+    @query_check.setter
+    def query_check(self, fn) -> None:
+        self._runner.check = fn
+
+    @property
     def closure_seconds(self) -> float:
         """Time spent inside ``closure()`` on this rank (step time minus this is the overhead)."""
         return self._runner.closure_seconds

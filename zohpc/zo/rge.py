@@ -32,21 +32,10 @@ from __future__ import annotations
 import torch
 
 from ..seeding import generator
+from ..sharding import contiguous_split
 from ..stop import no_check
 
 TAG = "rge-direction"
-
-
-def contiguous_split(n: int, parts: int, granule: int = 1) -> list[int]:
-    """Bounds ``b[0]=0 <= ... <= b[parts]=n`` of ``parts`` contiguous blocks of ``n`` items.
-
-    Blocks are whole multiples of ``granule`` (but the last piece of ``n``) and their sizes
-    differ by at most one granule; the larger blocks come last (``floor(units * r / parts)``).
-    """
-    if parts < 1 or granule < 1 or n < 0:
-        raise ValueError(f"contiguous_split: need n >= 0, parts >= 1, granule >= 1 (got {n}, {parts}, {granule})")
-    units = -(-n // granule)
-    return [min(n, (units * r // parts) * granule) for r in range(parts + 1)]
 
 
 def direction(dim: int, seed_parts: tuple, j: int, tag: str = TAG) -> torch.Tensor:
@@ -138,7 +127,10 @@ def sharded_losses(evaluator, dim: int, seed_parts: tuple, q: int, mu: float, co
     size = 1 if comm is None else comm.size
     rank = 0 if comm is None else comm.rank
     bounds = contiguous_split(q, size, max(1, int(evaluator.copies_per_pass)))
-    local = rge_losses(evaluator, dim, seed_parts, bounds[rank], bounds[rank + 1], mu, scatter, check, tag)
+    def work():
+        return rge_losses(evaluator, dim, seed_parts, bounds[rank], bounds[rank + 1], mu, scatter, check, tag)
+
     if size == 1:
-        return local
-    return comm.allgatherv(local.contiguous(), [bounds[r + 1] - bounds[r] for r in range(size)])
+        return work()
+    # a stop on any rank is raised on every rank after the collective (all leave together)
+    return comm.allgatherv_or_abandon(work, [bounds[r + 1] - bounds[r] for r in range(size)])
