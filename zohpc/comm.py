@@ -164,7 +164,7 @@ class Comm:
         data = "\n".join(names).encode() if self.rank == root else b""
         length = torch.tensor([len(data)], dtype=torch.int64)
         self.bcast_(length, root)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if self.rank == root \
+        buf = torch.tensor(list(data), dtype=torch.uint8) if self.rank == root \
             else torch.empty(int(length[0]), dtype=torch.uint8)
         if buf.numel():
             self.bcast_(buf, root)

@@ -289,7 +289,7 @@ class Trainer:
                      self.estimator.shard, self.estimator.predicted_imbalance(), self.estimator.features)
         else:
             self.estimator.set_coords(self.coords)
-        if self.comm.is_driver and not any(r.draw == draw for r in self.metrics.records(rec.Masks)):
+        if not any(r.draw == draw for r in self.metrics.records(rec.Masks)):
             self.metrics.write(rec.Masks(epoch=self.epoch, draw=draw, active_coords=self.coords.total,
                                          time=time.time()))
 
@@ -430,17 +430,16 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 seconds = time.perf_counter() - t0
-                if comm.is_driver:
-                    self.metrics.write(rec.Step(step=self.step, epoch=self.epoch, loss=result.loss, lr=lr,
-                                                queries=result.queries, seconds=seconds,
-                                                rank_compute_seconds=[round(v, 6) for v in result.compute],
-                                                time=time.time() - t_start))
-                    if progress is not None:
-                        progress.step(self.step, self.epoch, result.loss, lr, result.queries, seconds)
+                self.metrics.write(rec.Step(step=self.step, epoch=self.epoch, loss=result.loss, lr=lr,
+                                            queries=result.queries, seconds=seconds,
+                                            rank_compute_seconds=[round(v, 6) for v in result.compute],
+                                            time=time.time() - t_start))
+                if progress is not None:
+                    progress.step(self.step, self.epoch, result.loss, lr, result.queries, seconds)
             if self.batch_in_epoch < len(batches):
                 break  # max_steps reached inside an epoch
             evaluated = self.evaluate()
-            if evaluated is not None and comm.is_driver:
+            if evaluated is not None:  # every rank keeps the history; the driver writes the file
                 loss, metrics = evaluated
                 self.metrics.write(rec.Eval(step=self.step, epoch=self.epoch, test_loss=loss, metrics=metrics,
                                             time=time.time() - t_start))
