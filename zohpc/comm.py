@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -233,6 +234,7 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            time.sleep(0.5)  # let the launcher forward this rank's message before it kills the job
             self.mpi.Abort(code)
         os._exit(code)
 
