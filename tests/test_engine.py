@@ -352,3 +352,86 @@ def test_bench_engine_smoke(capsys):
         assert res[key] > 0, key
     assert res["coords"] == 40
     assert res["max_rel_error"] <= 1e-5 and res["max_rel_error_block_reuse"] <= 1e-5
+
+
+def test_stop_check_between_passes_and_engine_usable_after():
+    from zohpc.stop import StepAbandoned
+
+    m, x, y = _setup("digits_cnn", (1, 8, 8), 8, torch.float64)
+    coords = Coordinates(m)
+    eng = QueryEngine(m, query_batch=8)
+    eng.prepare(x, y)
+    want = eng.losses(coords, 0, 100, 0.01)
+    calls = {"n": 0}
+
+    def counting():
+        calls["n"] += 1
+
+    eng.check = counting
+    eng.losses(coords, 0, 100, 0.01)
+    passes = len(list(eng._groups(coords, 0, 100, eng.batch_size)))
+    assert passes > 3 and calls["n"] == passes  # once per stacked pass
+
+    def stop_at_third():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise StepAbandoned("stop")
+
+    for run in (lambda: eng.losses(coords, 0, 100, 0.01), lambda: eng.central_losses(coords, 0, 100, 0.01)):
+        calls["n"] = 0
+        eng.check = stop_at_third
+        with pytest.raises(StepAbandoned):
+            run()
+        assert calls["n"] == 3
+    eng.check = counting
+    eng.prepare(x, y)  # usable after the abandoned step
+    assert torch.equal(eng.losses(coords, 0, 100, 0.01), want)
+
+
+def test_untraceable_model_one_line_reason():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(UserError) as info:
+        QueryEngine(Branchy())
+    msg = str(info.value)
+    assert msg.startswith("torch.fx cannot trace model Branchy: ") and "\n" not in msg and len(msg) < 220
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, z):
+            return self.fc(x + z)
+
+    with pytest.raises(UserError, match="model TwoInputs: forward takes 2 inputs"):
+        QueryEngine(TwoInputs())
+
+
+def test_constructor_has_no_process_wide_side_effects(monkeypatch):
+    import zohpc.zo.engine as engine_mod
+
+    def boom():
+        raise AssertionError("QueryEngine must not tune the allocator")
+
+    monkeypatch.setattr(engine_mod, "tune_malloc", boom)
+    m, x, y = _setup("digits_cnn", (1, 8, 8), 4, torch.float32)
+    QueryEngine(m).prepare(x, y)
+
+
+def test_import_installs_no_warning_filter():
+    import subprocess
+    import sys
+
+    code = ("import warnings, numpy, torch, torch.fx; before = list(warnings.filters); "
+            "import zohpc, zohpc.zo, zohpc.zo.engine, "
+            "zohpc.zo.costs, zohpc.bench.engine; assert warnings.filters == before, warnings.filters[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -146,6 +146,7 @@ class _Plan:
         self.moves = 0  # elements read or written by the other ops
         self.pass_ops = 0  # ops dispatched once per stacked pass
         self.copy_ops = 0  # ops dispatched once per copy (ops the engine runs copy by copy)
+        self.reps: dict = {}  # node -> representation its query value takes (tests compare with real queries)
 
 
 _MALLOC_TUNED = False
@@ -394,6 +395,7 @@ class QueryEngine:
         real queries.
         """
         plan.elems = plan.flops = plan.moves = plan.pass_ops = plan.copy_ops = 0
+        plan.reps = {}
         if not plan.reaches_loss:
             return
         env = self.env
@@ -443,7 +445,7 @@ class QueryEngine:
                     r = generic(n)
             else:
                 r = self._step_work(n, sim, numel, chan_elems, add, materialize, generic)
-            sim[n] = r
+            sim[n] = plan.reps[n] = r
             if r == "per":
                 plan.copy_ops += 1
             else:
