@@ -352,6 +352,24 @@ def test_bench_engine_smoke(capsys):
         assert res[key] > 0, key
     assert res["coords"] == 40
     assert res["max_rel_error"] <= 1e-5 and res["max_rel_error_block_reuse"] <= 1e-5
+    assert res["check_iprobe_coords_per_s"] > 0 and res["check_rate_limited_coords_per_s"] > 0
+
+
+@pytest.mark.parametrize("task", ["classify", "regress"])
+def test_bench_engine_task_smoke(capsys, task):
+    import json
+
+    from zohpc.bench import engine as bench
+
+    args = bench.build_parser().parse_args(
+        ["--model", "digits_cnn", "--batch", "8", "--coords", "40", "--task", task, "--costs", "--json"])
+    bench.run(None, args)
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == task and res["torch_objective_coords_per_s"] > 0
+    assert res["blackbox_slowdown"] == pytest.approx(
+        res["torch_objective_coords_per_s"] / res["blackbox_objective_coords_per_s"])
+    assert res["max_rel_error_blackbox_vs_torch"] <= 1e-5
+    assert -1 <= res["costs_spearman"] <= 1 and res["costs_total_ratio"] > 0
 
 
 def test_stop_check_between_passes_and_engine_usable_after():
