@@ -20,16 +20,22 @@ How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer fo
 * The perturbed layer itself is incremental: W[o, c, i, j] += s changes output channel o by
   s times a shifted slice of input channel c; a bias or a BatchNorm weight/bias by s or
   s * x_hat.
+* The model's output, stacked (Q*B, ...), goes through the task's objective
+  (:class:`~zohpc.zo.objective.Objective`: Q loss values; a black box is called per copy).
+  Targets may have any shape and dtype; the engine only hands them to the objective.
+* Which representation every node of a plan takes is decided from shapes alone when the
+  input shape is first seen (``_plan_work``): it fixes the copies per pass and gives the
+  work of a query that the cost model (zohpc.zo.costs) calibrates.
 
 The parameters are never modified; queries are functional. BatchNorm always uses batch
 statistics of each copy (training-mode semantics) and never touches running statistics.
+Nothing process-wide is changed: a run's set-up calls :func:`tune_malloc` itself.
 
 CPU performance notes (measured, see zohpc.bench.engine): activations are kept channels-last
-(oneDNN convs 1.5-3x faster), glibc is told to recycle large blocks (tune_malloc), the
-stacked copies per pass are capped so tensors stay cache-sized (max_elements), tensors that
-die at a ReLU or an addition are updated in place, and a few ATen CPU kernels that are slow
-for these shapes are replaced by exact equivalents (strided max-pool, Welford-free stats,
-logsumexp cross entropy).
+(oneDNN convs 1.5-3x faster), glibc should recycle large blocks (tune_malloc), the stacked
+copies per pass are capped so tensors stay cache-sized (max_elements), tensors that die at a
+ReLU or an addition are updated in place, and a few ATen CPU kernels that are slow for these
+shapes are replaced by exact equivalents (strided max-pool, Welford-free stats).
 """
 
 from __future__ import annotations
