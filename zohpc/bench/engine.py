@@ -24,7 +24,8 @@ FLOPs for the full forward passes of the naive method.
 Stop check: the engine is also timed with a stop check between stacked passes that reads a
 flag and calls MPI Iprobe every time (``check_iprobe``), and one that calls Iprobe at most
 every 0.1 s (``check_rate_limited``); ``check_*_overhead`` is the relative slow-down
-against no check (noise level: compare with repeats > 1).
+against no check (noise level: compare with repeats > 1), ``check_*_ns_per_call`` the cost
+of one call, to compare with ``seconds_per_pass``.
 
 --task classify|regress: the cost of a black-box objective. The engine runs the same
 coordinates with the torch objective (classify: the built-in cross entropy; regress: mean
@@ -238,6 +239,13 @@ def _iprobe_check(comm, every: float = 0.0):
     return check
 
 
+def _ns_per_call(check, calls: int = 20000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        check()
+    return (time.perf_counter() - t0) / calls * 1e9
+
+
 def _time_engine(engine, x, y, coords, mu, dev):
     """Seconds of one minibatch: prepare and every query (what a rank runs per step)."""
     _sync(dev)
@@ -386,7 +394,10 @@ def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
         "check_rate_limited_coords_per_s": coords.total / t_check["rate_limited"],
         "check_iprobe_overhead": t_check["iprobe"] / t_engine - 1,
         "check_rate_limited_overhead": t_check["rate_limited"] / t_engine - 1,
+        "check_iprobe_ns_per_call": _ns_per_call(checks["iprobe"]),
+        "check_rate_limited_ns_per_call": _ns_per_call(checks["rate_limited"]),
     }
+    res["seconds_per_pass"] = t_engine / res["stacked_passes"]
     if not args.skip_naive:
         t0 = time.perf_counter()
         naive_losses = _naive(model, coords, x, y, mu, args.baseline_channels_last)
