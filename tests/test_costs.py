@@ -170,3 +170,11 @@ def test_inactive_parameters_cost_nothing_and_stop_check():
     with pytest.raises(StepAbandoned):
         calibrated_costs(eng, coords, x, y, budget_seconds=0.3, check=stop_at_second)
     assert time_pass(eng, coords, 0) > 0  # still usable
+
+
+def test_measured_costs_only_and_inactive():
+    m, x, y, eng = _engine("digits_cnn", (1, 8, 8), batch=4)
+    coords = Coordinates(m, {"fc.bias": torch.zeros(10, dtype=torch.bool)})
+    costs = measured_costs(eng, coords, x, y, repeats=1, only=[0, 1, len(coords.counts) - 1])
+    assert costs[0] > 0 and costs[1] > 0 and costs[2] == 0.0  # not asked
+    assert costs[-1] == 0.0  # fc.bias: no active coordinate

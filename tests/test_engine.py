@@ -265,13 +265,6 @@ def test_generic_ops_fall_back_correctly():
             assert abs(got[q] - ref) <= 1e-12 * abs(ref), coords.param_names[pi]
 
 
-def test_measure_costs_positive():
-    m, x, y = _setup("digits_cnn", (1, 8, 8), 8, torch.float32)
-    coords = Coordinates(m)
-    costs = QueryEngine(m, query_batch=4).measure_costs(coords, x, y, repeats=1)
-    assert len(costs) == len(coords.param_names) and all(c > 0 for c in costs)
-
-
 def test_rge_quadratic_expectation_and_determinism():
     torch.manual_seed(0)
     A = torch.randn(6, 6, dtype=torch.float64)

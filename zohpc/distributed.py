@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .zo import Coordinates, QueryEngine, cge
+from .zo.costs import measured_costs
 
 
 def balanced_bounds(counts: list[int], costs: list[float], parts: int, granule: int = 1) -> list[int]:
@@ -129,7 +130,7 @@ class DistributedCGE:
         """
         active = [pi for pi, n in enumerate(coords.counts) if n > 0]
         mine = active[self.comm.rank::self.comm.size]
-        local = torch.tensor(self.engine.measure_costs(coords, x, y, only=mine), dtype=torch.float64)
+        local = torch.tensor(measured_costs(self.engine, coords, x, y, only=mine), dtype=torch.float64)
         self.comm.allreduce_sum_(local)
         return local.tolist()
 

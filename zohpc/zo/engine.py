@@ -51,7 +51,6 @@ from torch.fx.node import map_arg
 
 from ..errors import ConfigError
 from ..stop import no_check
-from .costs import measured_costs
 from .objective import Objective
 
 # ---------------------------------------------------------------------------------------
@@ -164,7 +163,8 @@ def tune_malloc() -> bool:
     Query passes allocate and free many activation-sized tensors; with glibc's defaults each
     large one is a fresh mmap whose first touch page-faults, which costs more than the
     arithmetic (measured 2-4 ns per element vs 0.2-0.6). Process-wide, idempotent; a no-op
-    where glibc is not the allocator. Returns whether the setting was applied.
+    where glibc is not the allocator. Never called by the engine: a run's set-up (or a
+    benchmark) calls it visibly. Returns whether the setting was applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -1269,7 +1269,3 @@ class QueryEngine:
             plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
             pos += k
         return plus, minus
-
-    def measure_costs(self, coords, x, y, repeats: int = 2, only=None) -> list:
-        """Seconds per query of each parameter, each timed: :func:`zohpc.zo.costs.measured_costs`."""
-        return measured_costs(self, coords, x, y, repeats, only, self.check)
