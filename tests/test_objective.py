@@ -239,3 +239,30 @@ def test_output_must_be_one_batched_tensor():
     eng = QueryEngine(Scalar(), Objective(loss=lambda o, t: o))
     with pytest.raises(ConfigError, match=r"output has shape \(\) for a batch of 4"):
         eng.prepare(torch.randn(4, 3), torch.zeros(4))
+
+
+def test_stop_check_between_black_box_copies():
+    """A slow black box (an external program per copy) is interrupted between copies."""
+    from zohpc.stop import StepAbandoned
+
+    m, x, y, coords = _small()
+    copies = {"n": 0}
+
+    def slow(out, t):
+        copies["n"] += 1
+        return mse_numpy(out, t)
+
+    eng = QueryEngine(m, Objective(loss=slow), query_batch=8)
+    eng.prepare(x, y)
+    checks = {"n": 0}
+
+    def stop_at_fifth():
+        checks["n"] += 1
+        if checks["n"] == 5:
+            raise StepAbandoned("stop")
+
+    eng.check = stop_at_fifth
+    copies["n"] = 0
+    with pytest.raises(StepAbandoned):
+        eng.losses(coords, 0, 8)
+    assert copies["n"] == 3  # check before the pass, then before copies 1..4: stopped before copy 4

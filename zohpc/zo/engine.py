@@ -1212,7 +1212,7 @@ class QueryEngine:
         self.last_elems = -(-big // Q)
         r = reps[self.output_node]
         out = torch.cat(r.vals) if isinstance(r, _Per) else self._materialize(self.output_node, r, Q)
-        return self.objective(out, self.y, Q)
+        return self.objective(out, self.y, Q, self.check)
 
     def _check_coords(self, coords):
         if list(coords.param_names) != self.param_names:
