@@ -124,22 +124,6 @@ def test_plugin_gradient_bit_identical_across_rank_counts(plugins, regression_ru
     assert [s["loss"] for s in records(out1, "step")] == [s["loss"] for s in records(out2, "step")]
 
 
-# ---------------------------------------------------------------------------- (b) external program
-def test_objective_calling_an_external_program(plugins, tmp_path):
-    """(b) Each perturbed copy's loss comes from another process (numbers on stdin, loss on stdout)."""
-    calls = tmp_path / "calls.txt"
-    out = tmp_path / "run"
-    p = train(2, plugins, out, "task.name=zoplug:external", "prune.method=none", "train.epochs=2",
-              ZOPLUG_CALLS=str(calls))
-    assert_clean_exit(p, 0)
-    steps = records(out, "step")
-    assert len(steps) == 2 and all(np.isfinite(s["loss"]) for s in steps)
-    assert steps[-1]["loss"] < steps[0]["loss"]
-    pids = calls.read_text().split()
-    assert len(pids) >= sum(s["queries"] for s in steps) + len(steps)  # every query and base loss
-    assert len(set(pids)) >= 2 * len(steps) + 2  # a fresh process per call
-
-
 # ---------------------------------------------------------------------------- (c) untraceable model
 @pytest.fixture(scope="module")
 def untraceable_run(plugins, tmp_path_factory):
@@ -189,24 +173,47 @@ IN_STEP = {  # the objective fails in step 3: the checkpoint of step 2 is kept
 }
 
 
+EXTERNAL = {"external": "task.name=zoplug:external", "external_twin": "task.name=zoplug:external_twin"}
+
+
 @pytest.fixture(scope="module")
-def bad_runs(plugins, tmp_path_factory):
-    """Every bad input, each a full ``python -m zohpc.train`` command line, in one 2-rank job."""
-    d = tmp_path_factory.mktemp("d")
+def cli_runs(plugins, tmp_path_factory):
+    """Every bad input and the external-program runs, each a full ``python -m zohpc.train``
+    command line, in one 2-rank job (one start-up instead of fourteen)."""
+    d = tmp_path_factory.mktemp("cli")
     cases = {name: ["--set", s, "--set", "prune.method=none", "--set", "data.batch_size=16", "--out",
                     str(d / name)] for name, (s, _) in {**START_UP, **IN_STEP}.items()}
+    for name, s in EXTERNAL.items():
+        cases[name] = ["--set", s, "--set", "prune.method=none", "--set", "train.epochs=2", "--out", str(d / name)]
     (d / "cases.json").write_text(json.dumps(cases))
     p = run_ranks(2, [os.path.join(SCRIPTS, "cli_cases.py"), str(d), str(d / "cases.json")], timeout=180,
-                  PYTHONPATH=pythonpath(plugins))
+                  PYTHONPATH=pythonpath(plugins), ZOPLUG_CALLS=str(d / "calls.txt"))
     assert_clean_exit(p, 0)
     ranks = [json.loads((d / f"rank-{r}.json").read_text()) for r in range(2)]
     return d, ranks
 
 
+def test_objective_calling_an_external_program(cli_runs):
+    """(b) Each perturbed copy's loss comes from another process (numbers on stdin, the loss on
+    stdout), and the run follows the trajectory of the same objective written in torch."""
+    d, ranks = cli_runs
+    for name in EXTERNAL:
+        assert [r[name]["code"] for r in ranks] == [0, 0], [r[name]["stderr"][-2000:] for r in ranks]
+    ext, twin = records(d / "external", "step"), records(d / "external_twin", "step")
+    assert len(ext) == 2 and ext[-1]["loss"] < ext[0]["loss"]
+    assert [s["loss"] for s in ext] == pytest.approx([s["loss"] for s in twin], rel=1e-6)
+    a, b = final_params(d / "external"), final_params(d / "external_twin")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), (name, a[name], b[name])
+    pids = (d / "calls.txt").read_text().split()
+    assert len(pids) >= sum(s["queries"] for s in ext) + len(ext)  # every query and base loss
+    assert len(set(pids)) == len(pids)  # each in a fresh process
+
+
 @pytest.mark.parametrize("case", sorted({**START_UP, **IN_STEP}))
-def test_bad_input_exit_2_one_line_every_rank(bad_runs, case):
+def test_bad_input_exit_2_one_line_every_rank(cli_runs, case):
     """(d) Exit 2 on every rank, one line naming the task and the problem, printed once."""
-    d, ranks = bad_runs
+    d, ranks = cli_runs
     words = {**START_UP, **IN_STEP}[case][1]
     assert [r[case]["code"] for r in ranks] == [2, 2], [r[case] for r in ranks]
     lines = error_lines(ranks[0][case]["stderr"]) + error_lines(ranks[1][case]["stderr"])

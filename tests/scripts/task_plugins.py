@@ -67,6 +67,15 @@ def external(cfg):
     return Task(model=nn.Linear(2, 1), train=(x, y), test=(x[:4], y[:4]), loss=external_mse, name="external")
 
 
+def external_twin(cfg):
+    """The same task with the objective as a batched torch function (a path that shares no
+    code with the per-copy calls): the reference trajectory for ``external``."""
+    task = external(cfg)
+    task.loss, task.name = None, "external-twin"
+    task.batched_loss = lambda o, t: ((o.double() - t.double().unsqueeze(0)) ** 2).flatten(1).mean(1).float()
+    return task
+
+
 # ---- (c) a model torch.fx cannot trace ------------------------------------------------
 class FixedPoint(nn.Module):
     """h = tanh(A x + B h) iterated until it settles: the loop count depends on the data,
