@@ -238,14 +238,7 @@ def test_bad_input_through_the_cli_itself(plugins, tmp_path):
     assert [load_checkpoint(c).step for c in list_checkpoints(str(tmp_path / "late"))] == [2]
 
 
-@pytest.mark.parametrize("prune", [
-    pytest.param("none", marks=pytest.mark.xfail(strict=True, reason=(
-        "trainer.py Trainer._cge_costs: an objective failing in the cost model's calibration raises on each rank "
-        "without agreement: MPI_Abort, not exit 2"))),
-    pytest.param("zo_grasp", marks=pytest.mark.xfail(strict=True, reason=(
-        "trainer.py Trainer.setup_masks: an objective failing in ZO-GraSP pruning raises on each rank without "
-        "agreement: MPI_Abort, not exit 2"))),
-])
+@pytest.mark.parametrize("prune", ["none", "zo_grasp"])
 def test_objective_failing_during_start_up_exits_2(plugins, tmp_path, prune):
     """The objective is fine at the probe (its first 2 calls) and NaN afterwards: the next
     calls are start-up work before step 1 (ZO-GraSP's queries, or the cost model's
@@ -385,8 +378,6 @@ def test_python_api_under_mpiexec_checkpoints_resume_exit_codes(api_runs):
     assert not (d / "bad").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.py _train: the 'task' start-up phase is labelled with cfg.task.name "
-                   "('classify') when zohpc.run is given a task object")
 def test_python_api_names_its_task_in_the_start_up_line(api_runs):
     _, runs = api_runs
     p, _ = runs["train"]

@@ -167,6 +167,7 @@ def choose_features_mode(comm, engine, x: torch.Tensor, y: torch.Tensor) -> str:
     """
     if comm.size == 1:
         return "recompute"
+    comm.agree(engine.prepare, x, y)  # warm; a task error here is reported on every rank
     t0 = time.perf_counter()
     engine.prepare(x, y)
     t_prepare = comm.allreduce_max(time.perf_counter() - t0)
