@@ -117,7 +117,7 @@ def test_build_reads_task_options():
 
     task = B.build(Cfg)
     assert task.train[0].shape == (2 * 5, 1, 1, 16)
-    assert task.options["grid"] == 16
+    assert task.info["grid"] == 16
     Cfg.task.options = {"gird": 16}
     with pytest.raises(ConfigError, match="task.gird"):
         B.build(Cfg)

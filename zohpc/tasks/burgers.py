@@ -266,7 +266,9 @@ def make_task(opts: dict, seed: int = 0, data: BurgersData | None = None) -> Tas
         return {"window_mse": loss(outputs, targets)}
 
     return Task(model=make_model(opts, seed), train=data.pairs(data.train_windows), loss=loss,
-                test=data.pairs(data.test_windows), metrics=metrics, name="burgers", options=dict(opts))
+                test=data.pairs(data.test_windows), metrics=metrics, name="burgers",
+                info={"train_windows": int(data.train_windows.shape[0]), "grid": int(opts["grid"]),
+                      "unroll": int(opts["unroll"])})
 
 
 def check_options(opts: dict) -> None:
