@@ -4,6 +4,8 @@
 import json
 import os
 
+import pytest
+
 from mpi_util import run_ranks
 
 from zohpc.reproduce import cge_vs_rge as study
@@ -21,7 +23,7 @@ def test_quick_study_under_two_ranks(tmp_path):
     for r in rows:
         assert FIELDS <= set(r)
         assert r["cge"] > r["init"] + 10  # CGE trains
-        assert r["cge_seconds"] > 0 and r["cge_no_reuse_seconds"] > 0
+        assert r["cge_seconds"] > 0 and r["cge_no_reuse_seconds"] > r["cge_seconds"]  # reuse pays here
     for ext in ("json", "txt", "png"):
         assert os.path.getsize(out / f"cge_vs_rge.{ext}") > 0
 
@@ -46,3 +48,15 @@ def test_plot_writes_png(tmp_path):
     row = {"params": 730, "fo": 90.0, "cge": 89.5, "rge": 80.0, "cge_seconds": 1.0, "cge_no_reuse_seconds": 3.0}
     study.plot({"rows": [row, {**row, "params": 3700}]}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_seconds_reads_step_records_only():
+    history = [{"event": "start"}, {"event": "ready", "step": 0, "startup_seconds": 9.0},
+               {"event": "step", "step": 1, "seconds": 5.0}, {"event": "step", "step": 2, "seconds": 1.0},
+               {"event": "step", "step": 3, "seconds": 3.0},
+               {"event": "eval", "step": 3, "test_loss": 1.0, "seconds": 99.0},
+               {"event": "done", "step": 3, "wall_seconds": 50.0}]
+    assert study.step_seconds({"history": history}, 2, 3) == 2.0
+    assert study.step_seconds({"history": history}, 1, 1) == 5.0
+    with pytest.raises(RuntimeError, match="steps 2..4"):
+        study.step_seconds({"history": history}, 2, 4)
