@@ -217,10 +217,11 @@ def test_feature_broadcast_path_identical(name, shape):
     receiver = QueryEngine(m, query_batch=6)
     shapes = receiver.feature_shapes(tuple(x.shape))
     assert [(tuple(t.shape), t.dtype) for t in feats] == shapes
+    assert torch.equal(feats[0], x)  # the input batch first; targets are not features
     bufs = [torch.empty(s, dtype=d) for s, d in shapes]  # what an MPI receiver allocates
     for b, t in zip(bufs, feats):
         b.copy_(t)
-    receiver.load_features(bufs, base.clone())
+    receiver.load_features(bufs, y.clone(), base.clone())
     idx = torch.linspace(0, coords.total - 1, 60).long()
     for i in idx.tolist():
         a = sender.losses(coords, i, i + 1, 1e-2)

@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 TREE_DATASET = "__tree__"
 _TREE_GROUPS = ("params", "buffers", "masks", "optimizer", "scheduler", "rng", "extra")
-_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})(?:-([0-9a-f]{12}))?\.h5$")
 
 
 # --------------------------------------------------------------------------- JSON text
@@ -417,14 +417,22 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(os.fspath(run_dir), "checkpoints")
 
 
-def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(checkpoint_dir(run_dir), f"ckpt-{int(step):08d}.h5")
+def checkpoint_path(run_dir: str, step: int, run_id: str | None = None) -> str:
+    """``checkpoints/ckpt-<step>-<run id>.h5``: the run id marks which run a file belongs to."""
+    suffix = f"-{run_id}" if run_id else ""
+    return os.path.join(checkpoint_dir(run_dir), f"ckpt-{int(step):08d}{suffix}.h5")
 
 
 def checkpoint_step(path: str) -> int | None:
     """The step in a checkpoint file name, or None for any other name (temporaries included)."""
     m = _CKPT_RE.match(os.path.basename(os.fspath(path)))
     return int(m.group(1)) if m else None
+
+
+def checkpoint_run_id(path: str) -> str | None:
+    """The run id in a checkpoint file name (None for names without one)."""
+    m = _CKPT_RE.match(os.path.basename(os.fspath(path)))
+    return m.group(2) if m else None
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -464,12 +472,16 @@ def find_resumable(run_dir: str, warn: Callable[[str], None] | None = None) -> t
     return None
 
 
-def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints (by step); return the removed paths."""
+def prune_checkpoints(run_dir: str, keep: int, run_id: str) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints of the run ``run_id`` (by step); return
+    the removed paths. Files of other runs, or without a run id in their name, are never touched."""
     if keep < 1:
         raise ValueError("keep must be >= 1")
+    if not run_id:
+        raise ValueError("prune_checkpoints needs the run id of the checkpoints it may delete")
     removed = []
-    for path in list_checkpoints(run_dir)[keep:]:
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_run_id(p) == run_id]
+    for path in ours[keep:]:
         try:
             os.remove(path)
             removed.append(path)
@@ -500,5 +512,5 @@ def resolve_resume(spec: str | None, run_dir: str, warn: Callable[[str], None] |
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "write_tree", "read_tree", "write_json", "read_json",
     "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoint_dir", "checkpoint_path",
-    "checkpoint_step", "list_checkpoints", "find_resumable", "prune_checkpoints", "resolve_resume",
+    "checkpoint_step", "checkpoint_run_id", "list_checkpoints", "find_resumable", "prune_checkpoints", "resolve_resume",
 ]

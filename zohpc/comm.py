@@ -39,6 +39,9 @@ class Comm:
         self.local_rank = node.Get_rank()
         self.local_size = node.Get_size()
         node.Free()
+        # a private duplicate for control messages (stop notices), apart from the collectives
+        self.ctl = self.mpi.Dup() if self.size > 1 else None
+        self._notices: list = []
 
     @property
     def is_driver(self) -> bool:
@@ -128,6 +131,46 @@ class Comm:
         out = self.gatherv(local, [len(values)] * self.size, root)
         return None if out is None else out.view(self.size, len(values))
 
+    def bcast_strings(self, names: list[str] | None, root: int = 0) -> list[str]:
+        """Broadcast a list of short strings from ``root`` as bytes (no pickle)."""
+        if self.size == 1:
+            return list(names)
+        data = "\n".join(names).encode() if self.rank == root else b""
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        self.bcast_(length, root)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if self.rank == root \
+            else torch.empty(int(length[0]), dtype=torch.uint8)
+        if buf.numel():
+            self.bcast_(buf, root)
+        text = bytes(buf.numpy()).decode()
+        return text.split("\n") if text else []
+
+    # ------------------------------------------------------------------ stop notices
+    STOP_TAG = 75
+
+    def send_stop_notice(self) -> None:
+        """Tell every other rank, without blocking, that this rank was asked to stop."""
+        if self.size == 1:
+            return
+        buf = bytearray(1)
+        self._notices += [self.ctl.Isend([buf, MPI.BYTE], dest=r, tag=self.STOP_TAG)
+                          for r in range(self.size) if r != self.rank]
+
+    def stop_notice_pending(self) -> bool:
+        """Whether another rank has sent a stop notice (a non-blocking probe, ~1 us)."""
+        return self.size > 1 and bool(self.ctl.Iprobe(source=MPI.ANY_SOURCE, tag=self.STOP_TAG))
+
+    def drain_stop_notices(self) -> None:
+        """Receive pending notices and complete our own sends (before exiting)."""
+        if self.size == 1:
+            return
+        buf = bytearray(1)
+        while self.ctl.Iprobe(source=MPI.ANY_SOURCE, tag=self.STOP_TAG):
+            self.ctl.Recv([buf, MPI.BYTE], source=MPI.ANY_SOURCE, tag=self.STOP_TAG)
+        if self._notices:
+            MPI.Request.Waitall(self._notices)
+            self._notices = []
+
     def barrier(self) -> None:
         if self.size > 1:
             self.mpi.Barrier()
@@ -145,16 +188,20 @@ class Comm:
             result = fn(*args, **kwargs)
         except UserError as exc:
             error = str(exc)
-        if self.size == 1:
-            if error is not None:
-                raise _agreed(UserError(error))
-            return result
-        failed = self.mpi.allreduce(error is not None, op=MPI.LOR)
-        if failed:
-            first = self.mpi.allreduce(self.rank if error is not None else self.size, op=MPI.MIN)
-            message = self.mpi.bcast(error, root=first)
-            raise _agreed(UserError(message))
+        self.raise_if_any(error)
         return result
+
+    def raise_if_any(self, error: str | None) -> None:
+        """Collective: if any rank passes an error message, raise the lowest such rank's
+        message as an agreed UserError on every rank (pickle-free; not on the hot path)."""
+        failed = torch.tensor([float(self.rank if error is not None else self.size)], dtype=torch.float64)
+        if self.size > 1:
+            self.mpi.Allreduce(MPI.IN_PLACE, failed.numpy(), op=MPI.MIN)
+        first = int(failed[0])
+        if first >= self.size:
+            return
+        message = self.bcast_strings([error] if self.rank == first else None, root=first)
+        raise _agreed(UserError(message[0] if message else "error"))
 
     def abort(self, code: int = EXIT_ABORT) -> None:
         sys.stdout.flush()
@@ -186,24 +233,32 @@ def _say(text: str) -> None:
 
 
 def run_main(fn, prog: str = "zohpc") -> None:
-    """Run an entry point; user errors exit 2 on every rank, anything else aborts the job.
+    """Run an entry point and exit with its code (see :func:`run_guarded`)."""
+    sys.exit(run_guarded(fn, prog) or 0)
+
+
+def run_guarded(fn, prog: str = "zohpc"):
+    """Call ``fn(comm)`` and return its value; user errors exit 2 on every rank, anything
+    else aborts the job.
 
     A UserError raised on all ranks (see :meth:`Comm.agree`) ends each rank cleanly with
-    exit code 2. A UserError seen by one rank only, or any other exception, is printed with
-    the rank and ends the whole job through MPI_Abort, so no rank hangs in a collective.
+    exit code 2, printed once (by rank 0). A UserError seen by one rank only, or any other
+    exception, is printed with the rank and ends the whole job through MPI_Abort, so no
+    rank hangs in a collective.
     """
     comm = world()
     try:
-        code = fn(comm)
+        return fn(comm)
     except SystemExit:
         raise
     except UserError as exc:
-        _say(f"{prog}: error: {exc}")
-        if comm.size == 1 or getattr(exc, "agreed", False):
+        agreed = comm.size == 1 or getattr(exc, "agreed", False)
+        if comm.is_driver or not agreed:  # an agreed error is the same line on every rank: print it once
+            _say(f"{prog}: error: {exc}")
+        if agreed:
             sys.exit(EXIT_USER_ERROR)
         comm.abort(EXIT_USER_ERROR)
     except BaseException as exc:  # noqa: BLE001 - the job must not hang on any error
         tb = traceback.format_exc()
         _say(f"{prog}: rank {comm.rank}/{comm.size}: fatal {type(exc).__name__}: {exc}\n{tb}")
         comm.abort(EXIT_ABORT if not isinstance(exc, KeyboardInterrupt) else 130)
-    sys.exit(code or 0)

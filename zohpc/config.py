@@ -31,8 +31,18 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What is trained: ``classify`` (the data set and model below, cross entropy), or a plug-in
+    ``package.module:factory`` called as ``factory(cfg)``; every other key of ``[task]`` is
+    the task's own option, validated by the task."""
+
+    name: str = "classify"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class ModelConfig:
-    name: str = "digits_cnn"
+    name: str = "digits_cnn"  # a zoo name, or package.module:factory called as factory(cfg)
 
 
 @dataclass
@@ -43,6 +53,7 @@ class ZOConfig:
     query_batch: int = 32  # perturbed copies evaluated in one stacked forward
     rge_queries: int = 64  # directions per step for RGE
     features: str = "auto"  # broadcast | recompute | auto (measured at start-up)
+    feature_reuse: bool = True  # false: every CGE query is a full forward (for comparisons)
 
 
 @dataclass
@@ -70,7 +81,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     # LIZO
     num_sample_per_step: int = 8
-    reuse_distance_bound: float = 0.0  # 0 = 2 * lr, as ReLIZO suggests
+    reuse_distance_bound: float = -1.0  # -1 = 2 * lr (ReLIZO's suggestion); 0 = no reuse
     max_reuse_rate: float = 0.5
     orthogonal_sample: bool = False
     line_search: bool = False
@@ -98,6 +109,7 @@ class RunConfig:
 
 @dataclass
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
@@ -143,7 +155,7 @@ RANGES = {
     "optim.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
     "optim.num_sample_per_step": (lambda v: v >= 1, ">= 1"),
-    "optim.reuse_distance_bound": (lambda v: v >= 0, ">= 0"),
+    "optim.reuse_distance_bound": (lambda v: v == -1 or v >= 0, "-1 (= 2 * lr) or >= 0"),
     "optim.max_reuse_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.seed": (lambda v: v >= 0, ">= 0"),
@@ -154,6 +166,19 @@ RANGES = {
 }
 
 NEEDS_DIR = ("cifar10", "mnist", "hdf5")
+
+PATH_KEYS = ("data.dir", "prune.masks_file", "run.out")
+
+# Keys that may change when a run is resumed: they extend or observe the run without
+# altering its trajectory. Every other key is compared with the stored config on resume.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every_seconds", "train.device",
+                     "data.test_batch_size", "zo.features", "checkpoint.every_epochs", "checkpoint.keep",
+                     "run.out")
+
+
+def expand_path(value: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded, as a shell would."""
+    return os.path.expandvars(os.path.expanduser(value)) if value else value
 
 
 def _type_name(tp) -> str:
@@ -209,6 +234,12 @@ def apply_mapping(cfg: Config, mapping: dict, source: str) -> None:
         obj = getattr(cfg, section)
         types = _section_types(type(obj))
         for key, value in table.items():
+            if section == "task" and key != "name":
+                if key == "options" and isinstance(value, dict):
+                    obj.options.update(value)
+                else:
+                    obj.options[key] = value  # the task validates its own options
+                continue
             if key not in types:
                 raise ConfigError(f"{source}: unknown config key '{section}.{key}' (known in [{section}]: {', '.join(types)})")
             setattr(obj, key, _coerce(f"{section}.{key}", types[key], value))
@@ -248,6 +279,9 @@ def load_config(path: str | None = None, overrides: list[str] = (), out: str | N
         apply_mapping(cfg, {section: {key: value}}, f"--set {text}")
     if out:
         cfg.run.out = out
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        setattr(getattr(cfg, section), key, expand_path(get(cfg, dotted)))
     validate(cfg)
     return cfg
 
@@ -278,7 +312,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'run.out': must name an output directory")
     from .models import MODEL_NAMES  # late import: models import torch
 
-    if cfg.model.name not in MODEL_NAMES:
+    if ":" not in cfg.model.name and cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"config key 'model.name': {cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
 
 
@@ -296,17 +330,48 @@ def _toml_value(value) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _flat_items(cfg: Config):
+    """(section, key, value) of every setting; a task's options appear as keys of [task]."""
+    for section, table in to_dict(cfg).items():
+        for key, value in table.items():
+            if section == "task" and key == "options":
+                for opt in sorted(value):
+                    yield section, opt, value[opt]
+            else:
+                yield section, key, value
 
 
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML text (read back by :func:`from_toml_text`)."""
-    lines = []
-    for section, table in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
-        lines.append("")
+    lines, current = [], None
+    for section, key, value in _flat_items(cfg):
+        if section != current:
+            if current is not None:
+                lines.append("")
+            lines.append(f"[{section}]")
+            current = section
+        lines.append(f"{key} = {_toml_value(value)}")
+    lines.append("")
     return "\n".join(lines)
+
+
+def flat(cfg: Config) -> dict:
+    """``{"section.key": value}`` of every setting (task options as ``task.<option>``)."""
+    return {f"{s}.{k}": v for s, k, v in _flat_items(cfg)}
+
+
+def trajectory_changes(stored: Config, current: Config) -> tuple[list[str], list[str]]:
+    """Keys that differ between a run's stored config and the current one, split into
+    (changes that alter the trajectory, changes a resume may make)."""
+    old, new = flat(stored), flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    allowed = [k for k in changed if k in RESUMABLE_CHANGES]
+    return [k for k in changed if k not in RESUMABLE_CHANGES], allowed
 
 
 def from_toml_text(text: str, source: str = "stored config", check_paths: bool = True) -> Config:

@@ -1,4 +1,5 @@
-"""Run under mpiexec by tests/test_distributed.py: one distributed CGE gradient, saved as .npy."""
+"""Run under mpiexec by tests/test_steps.py: one distributed CGE gradient through the
+training step object, saved as .npy."""
 
 import os
 import sys
@@ -10,17 +11,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mpi_util import gradient_problem  # noqa: E402
 from zohpc.comm import run_main  # noqa: E402
-from zohpc.distributed import DistributedCGE  # noqa: E402
+from zohpc.steps import CGEStep  # noqa: E402
+from zohpc.zo.costs import calibrated_costs  # noqa: E402
 
 
 def main(comm):
     model_name, features, out = sys.argv[1], sys.argv[2], sys.argv[3]
     model, x, y, coords, engine = gradient_problem(model_name)
-    proto = DistributedCGE(comm, model, engine, mu=5e-3, features=features)
-    proto.set_coords(coords, proto.measure_costs(coords, x, y))
-    values, base, _ = proto.gradient(x if comm.is_driver else None, y if comm.is_driver else None, x.shape)
+    step = CGEStep(comm, model, engine, mu=5e-3)
+    costs = torch.tensor(calibrated_costs(engine, coords, x, y), dtype=torch.float64)
+    comm.allreduce_sum_(costs)
+    step.set_coords(coords, (costs / comm.size).tolist())
+    step.features = features
+    got = {}
+
+    def capture(values, xb):
+        got["values"] = values
+
+    step(x.clone(), y.clone(), 0, capture)
     if comm.is_driver:
-        grads = coords.scatter(values)
+        grads = coords.scatter(got["values"])
         np.save(out, torch.cat([g.reshape(-1) for g in grads]).numpy())
     return 0
 

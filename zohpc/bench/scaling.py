@@ -1,9 +1,11 @@
 """``mpirun -n K python -m zohpc.bench scaling --model resnet20 --batch 64 --sparsity 0.9 --steps S --json``
 
-Times the distributed sparse-CGE step exactly as training runs it (driver forward,
-broadcasts, shard compute on every rank, Gatherv, optimizer step, parameter broadcast) on
-synthetic CIFAR-shaped data, and reports the per-phase breakdown, the load imbalance
-(max/mean shard compute) and the communication + driver-only fraction of the step.
+Times the distributed sparse-CGE step through the SAME step object training uses
+(:class:`zohpc.steps.CGEStep`: batch broadcast, driver forward, shard compute on every
+rank, Gatherv, end-of-step agreement, optimizer step, parameter broadcast) on synthetic
+CIFAR-shaped data, and reports the per-phase breakdown, the load imbalance (max/mean
+shard compute), the start-up cost model's time, and the cost of answering stop signals
+(steps with the stop check installed vs without).
 Run it with K = 1, 2, ... and compare ``step_seconds`` for the speedup.
 """
 
@@ -15,10 +17,14 @@ import time
 
 import torch
 
-from ..distributed import DistributedCGE, choose_features_mode
 from ..masks import layerwise_random_masks, maskable_names
 from ..models import MODEL_NAMES, build_model
+from ..runtime import setup_runtime
+from ..steps import CGEStep
+from ..steps.cge import choose_features_mode
+from ..stop import StopRequest
 from ..zo import Coordinates, QueryEngine
+from ..zo.costs import calibrated_costs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet20", choices=MODEL_NAMES)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--steps", type=int, default=2, help="measured steps")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (cost measurement already warms up)")
+    p.add_argument("--steps", type=int, default=2, help="measured steps (each with and without the stop check)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     p.add_argument("--input", default=None, help="input shape CxHxW (default 3x32x32; 1x8x8 for digits_cnn)")
     p.add_argument("--query-batch", type=int, default=32)
     p.add_argument("--features", default="auto", choices=("auto", "broadcast", "recompute"))
@@ -36,84 +42,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(comm, args) -> int:
-    threads = comm.set_threads()
+    runtime = setup_runtime(comm, "auto")
     shape = tuple(int(v) for v in (args.input or ("1x8x8" if args.model == "digits_cnn" else "3x32x32")).split("x"))
     torch.manual_seed(0)
-    model = build_model(args.model, shape, 10)
+    model = build_model(args.model, shape, 10).to(runtime.device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, *shape, generator=gen)
-    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    x = torch.randn(args.batch, *shape, generator=gen).to(runtime.device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(runtime.device)
     shapes = {n: p.shape for n, p in model.named_parameters() if n in maskable_names(model)}
     masks = None
     if args.sparsity > 0:
         masks = layerwise_random_masks(shapes, {n: args.sparsity for n in maskable_names(model)}, 0, 0)
     coords = Coordinates(model, masks)
     engine = QueryEngine(model, query_batch=args.query_batch)
-    proto = DistributedCGE(comm, model, engine, mu=5e-3)
-    proto.separate_wait = True
+    stop = StopRequest(comm)
+    step_fn = CGEStep(comm, model, engine, mu=5e-3)
     t0 = time.perf_counter()
-    costs = proto.measure_costs(coords, x, y)
-    measure_seconds = time.perf_counter() - t0
-    proto.set_coords(coords, costs)
-    proto.features = choose_features_mode(comm, engine, x, y) if args.features == "auto" else args.features
+    costs = torch.tensor(calibrated_costs(engine, coords, x, y), dtype=torch.float64)
+    comm.allreduce_sum_(costs)
+    cost_model_seconds = comm.allreduce_max(time.perf_counter() - t0)
+    step_fn.set_coords(coords, (costs / comm.size).tolist())
+    step_fn.features = choose_features_mode(comm, engine, x, y) if args.features == "auto" else args.features
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    rows = []
-    for step in range(args.warmup + args.steps):
+    def apply_update(values, xb):
+        optimizer.zero_grad(set_to_none=False)
+        coords.fill_grad(model, values)
+        optimizer.step()
+        with torch.no_grad():
+            model(xb)  # running statistics, as in training
+
+    rows = {False: [], True: []}
+    for i in range(args.warmup + 2 * args.steps):
+        checked = i >= args.warmup and (i - args.warmup) % 2 == 1  # alternate: no check, check
+        step_fn.stop = stop if checked else None
         comm.barrier()
         t_step = time.perf_counter()
-        values, base, times = proto.gradient(x if comm.is_driver else None, y if comm.is_driver else None, x.shape)
-        if comm.is_driver:
-            t1 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=False)
-            coords.fill_grad(model, values)
-            optimizer.step()
-            with torch.no_grad():
-                model(x)  # running statistics, as in training
-            times.optimizer = time.perf_counter() - t1
-        times.param_bcast = proto.share_parameters()
-        proto.rebalance(times.compute)  # as training does after its first steps
+        result = step_fn(x.clone(), y.clone(), i, apply_update)
         step_seconds = comm.allreduce_max(time.perf_counter() - t_step)
-        row = [times.driver_forward, times.bcast, times.compute, times.gather, times.optimizer,
-               times.param_bcast, step_seconds, times.extra.get("wait", 0.0)]
-        table = comm.gather_floats(row)
-        if step >= args.warmup and comm.is_driver:
-            rows.append(table)
+        if i < 2:
+            step_fn.rebalance(result.compute)  # as training does after its first steps
+        t = result.times
+        row = torch.tensor([t["forward"], t["compute"], t["gather"], t["update"], step_seconds], dtype=torch.float64)
+        table = comm.gatherv(row, [5] * comm.size)
+        if i >= args.warmup and comm.is_driver:
+            rows[checked].append(table.view(comm.size, 5))
     if not comm.is_driver:
         return 0
-    data = torch.stack(rows)  # (steps, ranks, 8)
-    mean = data.mean(0)  # per rank, per phase
-    compute = mean[:, 2]
-    step_seconds = float(mean[0, 6])
-    driver = mean[0]
-    comm_seconds = float(driver[1] + driver[3] + driver[5])
-    driver_only = float(driver[0] + driver[4])
+    data = torch.stack(rows[False] + rows[True])  # (steps, ranks, 5)
+    mean = data.mean(0)
+    compute = mean[:, 1]
+    step_seconds = float(mean[0, 4])
+    plain = float(torch.stack(rows[False])[:, 0, 4].mean())
+    checked = float(torch.stack(rows[True])[:, 0, 4].mean())
     result = {
         "bench": "scaling",
         "model": args.model,
         "batch": args.batch,
         "sparsity": args.sparsity,
         "ranks": comm.size,
-        "threads_per_rank": threads,
-        "features": proto.features,
+        "threads_per_rank": runtime.threads,
+        "device": str(runtime.device),
+        "features": step_fn.features,
         "active_coords": coords.total,
-        "steps": args.steps,
+        "steps": 2 * args.steps,
         "step_seconds": step_seconds,
-        "driver_forward_seconds": float(driver[0]),
-        "bcast_seconds": float(driver[1]),
-        "gather_seconds": float(driver[3]),
-        "driver_wait_seconds": float(driver[7]),
-        "optimizer_seconds": float(driver[4]),
-        "param_bcast_seconds": float(driver[5]),
+        "forward_seconds": float(mean[0, 0]),
+        "gather_seconds": float(mean[0, 2]),
+        "update_seconds": float(mean[0, 3]),
         "compute_seconds": {"min": float(compute.min()), "mean": float(compute.mean()), "max": float(compute.max()),
                             "per_rank": [round(float(v), 4) for v in compute]},
         "imbalance": float(compute.max() / compute.mean()),
-        "predicted_imbalance": proto.predicted_imbalance(),
-        "comm_fraction": (comm_seconds + driver_only) / step_seconds,
-        "comm_seconds": comm_seconds,
-        "driver_only_seconds": driver_only,
-        "queries_per_s": proto.queries_per_step / step_seconds,
-        "cost_measurement_seconds": measure_seconds,
+        "predicted_imbalance": step_fn.predicted_imbalance(),
+        "queries_per_s": step_fn.queries_per_step / step_seconds,
+        "cost_model_seconds": cost_model_seconds,
+        "stop_check": {"step_seconds_without": plain, "step_seconds_with": checked,
+                       "ratio": checked / plain},
     }
     if args.json:
         print(json.dumps(result))

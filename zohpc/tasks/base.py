@@ -33,17 +33,21 @@ class Task:
     ``loss(outputs[q], targets)``.
     ``metrics(outputs, targets)``: optional evaluation metrics on a test batch, a dict of
     name -> mean value over the batch (averaged over the test set weighted by batch size).
-    ``options``: the task's resolved ``[task]`` options, recorded in the run directory.
+    ``augment(x, epoch, batch_index) -> x``: optional deterministic augmentation of a
+    training batch (a pure function of its arguments, so every rank and a resumed run agree).
+    ``loss=None`` means mean cross entropy over class labels (the engine's fast path).
+    ``info``: free-form facts for the log (data set name, sizes).
     """
 
     model: nn.Module
     train: Any
-    loss: Callable[[torch.Tensor, torch.Tensor], Any]
+    loss: Callable[[torch.Tensor, torch.Tensor], Any] | None
     test: Any = None
     batched_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
     name: str = "task"
-    options: dict = field(default_factory=dict)
+    augment: Callable | None = None
+    info: dict = field(default_factory=dict)
 
 
 def task_options(cfg, defaults: dict, task: str) -> dict:

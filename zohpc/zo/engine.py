@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import operator
-import time
 
 import torch
 import torch.fx as fx
@@ -45,6 +44,9 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from ..errors import ConfigError
+from ..stop import no_check
+from .costs import measured_costs
+from .objective import Objective
 
 # ---------------------------------------------------------------------------------------
 # determinism check
@@ -138,7 +140,12 @@ class _Plan:
         self.free_after: dict = {}  # node -> nodes whose reps can be dropped after it
         self.rel_name = ""  # parameter name relative to the consumer module (generic override)
         self.reaches_loss = False
-        self.elems = None  # largest stacked tensor per copy (elements), measured on first query
+        # per-copy work of one query on the current input shape (see QueryEngine._plan_work)
+        self.elems = None  # largest stacked tensor (elements): caps the copies per pass
+        self.flops = 0  # 2 x multiply-adds of convs and linears
+        self.moves = 0  # elements read or written by the other ops
+        self.pass_ops = 0  # ops dispatched once per stacked pass
+        self.copy_ops = 0  # ops dispatched once per copy (ops the engine runs copy by copy)
 
 
 _MALLOC_TUNED = False
@@ -203,71 +210,85 @@ def _is_tensor(v) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ---------------------------------------------------------------------------------------
 
 
 class QueryEngine:
     """Batched, per-layer-incremental loss queries for coordinate perturbations of ``model``.
 
+    ``objective``: an :class:`~zohpc.zo.objective.Objective` (one loss per stacked copy, any
+    targets); None: mean cross entropy to class labels. It is the tail of every query.
     ``query_batch``: at most this many perturbed copies are stacked into one batched pass.
     ``max_elements``: and fewer if the largest stacked intermediate tensor of a parameter's
     plan would exceed this many elements (default 2**22 on CPU, where cache-sized tensors are
-    fastest, 2**27 on GPUs). Measured per parameter on its first query.
-    ``loss_fn(logits, y) -> 0-dim tensor``; default: mean cross entropy (evaluated per copy).
-    ``tune_allocator``: on CPU call :func:`tune_malloc` (process-wide glibc setting).
+    fastest, 2**27 on GPUs). Found per parameter from the plan and the input shape.
     ``channels_last``: keep 4-D activations in NHWC memory order (values are unaffected; oneDNN
     convolutions run 1.5-3x faster on it). The model's parameters are never touched.
+    ``check``: called between stacked passes; a stop request makes it raise
+    :class:`~zohpc.stop.StepAbandoned` (the engine stays usable: prepare again).
+
+    Raises ConfigError with a one-line reason when the model cannot be planned (torch.fx
+    cannot trace it, or its forward is not ``forward(x) -> one tensor``); callers then fall
+    back to full forward passes.
     """
 
-    def __init__(self, model: nn.Module, query_batch: int = 32, loss_fn=None, max_elements: int | None = None,
-                 tune_allocator: bool = True, channels_last: bool = True):
+    def __init__(self, model: nn.Module, objective: Objective | None = None, *, query_batch: int = 32,
+                 max_elements: int | None = None, channels_last: bool = True):
         check_deterministic(model)
         if int(query_batch) < 1:
             raise ConfigError(f"config key 'zo.query_batch': must be >= 1, got {query_batch}")
+        if objective is not None and not isinstance(objective, Objective):
+            raise TypeError(f"objective must be a zohpc.zo.Objective or None, got {type(objective).__name__}")
         self.model = model
         self.query_batch = int(query_batch)
-        self.loss_fn = loss_fn
+        self.objective = objective if objective is not None else Objective()
+        self.check = no_check
         first = next(iter(model.parameters()), None)
+        name = type(model).__name__
         if first is None:
-            raise ConfigError(f"model {type(model).__name__} has no parameters")
+            raise ConfigError(f"model {name} has no parameters")
         on_gpu = first.device.type != "cpu"
         self.max_elements = int(max_elements) if max_elements else (2 ** 27 if on_gpu else 2 ** 22)
-        if tune_allocator and not on_gpu:
-            tune_malloc()
         self.channels_last = bool(channels_last)
         try:
             gm = fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is a model the engine cannot plan
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"model {type(model).__name__} cannot be traced by torch.fx: {msg}") from None
+            raise ConfigError(f"torch.fx cannot trace model {name}: {_first_line(exc)}") from None
         self.graph = gm.graph
         _check_graph_deterministic(self.graph)
         self.nodes = list(self.graph.nodes)
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise ConfigError(f"model {type(model).__name__}: the engine needs forward(x) with exactly "
-                              f"one input, found {len(placeholders)}")
+            raise ConfigError(f"model {name}: forward takes {len(placeholders)} inputs (the engine "
+                              f"needs forward(x) with one)")
         self.input_node = placeholders[0]
         outs = [n for n in self.nodes if n.op == "output"]
-        self.logits_node = outs[0].args[0]
-        if not isinstance(self.logits_node, fx.Node):
-            raise ConfigError(f"model {type(model).__name__}: forward must return one tensor (the logits)")
+        self.output_node = outs[0].args[0]
+        if not isinstance(self.output_node, fx.Node) or self.output_node.op == "placeholder":
+            raise ConfigError(f"model {name}: forward returns {type(self.output_node).__name__} "
+                              f"(the engine needs one tensor computed from the input)")
         self.modules = dict(model.named_modules())
         self.kind = {n: self._classify(n) for n in self.nodes}
         named = list(model.named_parameters())
-        self.param_names = [name for name, _ in named]
+        self.param_names = [pname for pname, _ in named]
         self.params = [p for _, p in named]
-        self.plans = [self._make_plan(name) for name in self.param_names]
+        self.plans = [self._make_plan(pname) for pname in self.param_names]
         self.env: dict | None = None
         self.y = None
         self.base = None
         self._bn_stats: dict = {}
         self._xpad: dict = {}
         self._feat_nodes = None
-        self._batch = None
-        self._yrep: dict = {}
+        self._in_shape = None
         self.flops = 0  # matmul-type FLOPs executed by queries (conv/linear), see bench
+        self.last_elems = 0  # largest stacked tensor per copy of the last query (tests the plan's work)
 
     # ---- planning ------------------------------------------------------------------
 
@@ -349,16 +370,207 @@ class QueryEngine:
                     seen.add(u)
                     stack.append(u)
         plan.order = sorted(seen, key=self.pos.__getitem__)
-        plan.reaches_loss = self.logits_node in seen
+        plan.reaches_loss = self.output_node in seen
         last = {}
         for n in plan.order:
             for a in n.all_input_nodes:
                 if a in seen:
                     last[a] = n
         for a, n in last.items():
-            if a is not self.logits_node:
+            if a is not self.output_node:
                 plan.free_after.setdefault(n, []).append(a)
         return plan
+
+    # ---- work of a query, from shapes alone -------------------------------------------
+
+    def _plan_work(self, plan: _Plan) -> None:
+        """Per-copy work of one query of ``plan`` on the cached shapes, without running it.
+
+        Follows query() and _step() op by op, choosing the same representation for every
+        node (None, ("chan", s, shift), "full", "per") from shapes alone. The sizes cap the
+        copies per pass (batch_size): they depend on the plan and the input shape only, so
+        every rank cuts the same groups (bit-identical gradients); the work is what the
+        cost model (zohpc.zo.costs) calibrates. tests/test_costs.py checks the sizes against
+        real queries.
+        """
+        plan.elems = plan.flops = plan.moves = plan.pass_ops = plan.copy_ops = 0
+        if not plan.reaches_loss:
+            return
+        env = self.env
+        B = env[self.input_node].shape[0]
+        sim: dict = {}
+        tot = {"flops": 0, "moves": 0}
+
+        def numel(n):
+            return env[n].numel() if _is_tensor(env[n]) else 0
+
+        def chan_elems(n, s):
+            return B * s * math.prod(env[n].shape[2:])
+
+        def add(flops=0, moves=0):
+            tot["flops"] += flops
+            tot["moves"] += moves
+
+        def materialize(a, r):
+            if isinstance(r, tuple):
+                add(moves=numel(a) + chan_elems(a, r[1]))
+
+        def op_work(n):
+            """An op run once on one copy (full tensors)."""
+            mod = self.modules.get(n.target) if n.op == "call_module" else None
+            out = numel(n)
+            if isinstance(mod, nn.Conv2d):
+                w = mod.weight
+                add(2 * out * (w.numel() // w.shape[0]), out)
+            elif isinstance(mod, nn.Linear):
+                add(2 * out * mod.in_features, out)
+            else:
+                add(moves=out * (4 if isinstance(mod, _BN_TYPES) else 1))
+
+        def generic(n):
+            for a in n.all_input_nodes:
+                if isinstance(sim.get(a), tuple):
+                    add(moves=numel(a))  # the cached value cloned per copy
+            op_work(n)
+            return "per"
+
+        for n in plan.order:
+            if n in plan.sources:
+                r = None
+                if plan.kind != "generic" and all(a not in sim for a in n.all_input_nodes):
+                    r = self._source_work(plan, n, chan_elems, add)
+                if r is None:
+                    r = generic(n)
+            else:
+                r = self._step_work(n, sim, numel, chan_elems, add, materialize, generic)
+            sim[n] = r
+            if r == "per":
+                plan.copy_ops += 1
+            else:
+                plan.pass_ops += 1
+            if r == "full":
+                plan.elems = max(plan.elems, numel(n))
+            elif isinstance(r, tuple):
+                plan.elems = max(plan.elems, chan_elems(n, r[1]))
+            for a in plan.free_after.get(n, ()):
+                sim.pop(a, None)
+        r = sim[self.output_node]
+        materialize(self.output_node, r)
+        add(moves=numel(self.output_node) * (2 if r == "per" else 1))  # the objective (+ stacking copies)
+        plan.flops, plan.moves = tot["flops"], tot["moves"]
+
+    def _source_work(self, plan, n, chan_elems, add):
+        """Rep and work of the incremental perturbed layer (see _source), or None if it is generic."""
+        out = self.env[n]
+        if plan.kind in ("lin_w", "lin_b") and out.dim() != 2:
+            return None
+        e = chan_elems(n, 1)
+        add(moves={"conv_w": 3, "lin_w": 3, "bn_w": 5}.get(plan.kind, 2) * e)
+        return ("chan", 1, 0)
+
+    def _step_work(self, n, sim, numel, chan_elems, add, materialize, generic):
+        """Rep and work of a downstream node: the decisions of _step, _binary, _getitem, _pad."""
+        k = self.kind[n]
+        env = self.env
+        if k in ("conv", "linear", "bn", "chanwise", "flatten"):
+            a = n.args[0]
+            r = sim.get(a)
+            if r is None or r == "per":
+                return generic(n)
+            chan = isinstance(r, tuple)
+            mod = self.modules[n.target] if n.op == "call_module" else None
+            out = numel(n)
+            if k == "conv":
+                if chan and mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+                    s = r[1]
+                    K = s * mod.weight.shape[2] * mod.weight.shape[3]
+                    rows = out // mod.weight.shape[0]  # B * Ho * Wo
+                    add(2 * rows * K * mod.weight.shape[0],
+                        2 * chan_elems(a, s) + rows * K + out * (2 if self.channels_last else 3))
+                    return "full"
+                materialize(a, r)
+                w = mod.weight
+                add(2 * out * (w.numel() // w.shape[0]), out)
+                return "full"
+            if k == "linear":
+                if chan and env[a].dim() == 2:
+                    s = r[1]
+                    add(2 * env[a].shape[0] * s * mod.out_features, 2 * chan_elems(a, s) + 2 * out)
+                    return "full"
+                materialize(a, r)
+                add(2 * out * mod.in_features, out)
+                return "full"
+            if k == "bn":
+                add(moves=5 * chan_elems(n, r[1]) if chan else 4 * out)
+                return r
+            if k == "chanwise":
+                add(moves=chan_elems(a, r[1]) + chan_elems(n, r[1]) if chan else numel(a) + out)
+                return r
+            # flatten
+            if chan:
+                return ("chan", r[1] * math.prod(env[a].shape[2:]), r[2])
+            add(moves=out if self.channels_last and env[a].dim() == 4 else 0)
+            return "full"
+        if k == "binary":
+            return self._binary_work(n, sim, numel, chan_elems, add, materialize, generic)
+        if k == "getitem":
+            a, index = n.args[0], n.args[1] if len(n.args) > 1 else None
+            r = sim.get(a) if isinstance(a, fx.Node) else None
+            if (r is not None and r != "per" and not n.kwargs and isinstance(index, tuple) and len(index) >= 2
+                    and all(isinstance(i, slice) and all(not isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+                            for i in index) and index[0] == slice(None)):
+                if r == "full" or index[1] == slice(None):
+                    return r
+                materialize(a, r)
+                return "full"
+            return generic(n)
+        if k == "pad":
+            a = n.args[0]
+            r = sim.get(a) if isinstance(a, fx.Node) else None
+            pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+            mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+            if r is None or r == "per" or isinstance(pad, fx.Node) or any(isinstance(p, fx.Node) for p in pad):
+                return generic(n)
+            nd = env[a].dim()
+            if len(pad) // 2 <= nd - 1 and r == "full":
+                add(moves=numel(n))
+                return "full"
+            if r != "full" and min(pad) >= 0:
+                if len(pad) // 2 <= nd - 2:
+                    add(moves=chan_elems(n, r[1]))
+                    return r
+                if len(pad) // 2 == nd - 1 and mode == "constant" and pad[-2] % r[1] == 0:
+                    add(moves=chan_elems(n, r[1]))
+                    return ("chan", r[1], r[2] + pad[-2] // r[1])
+            if len(pad) // 2 <= nd - 1:
+                materialize(a, r)
+                add(moves=numel(n))
+                return "full"
+            return generic(n)
+        return generic(n)
+
+    def _binary_work(self, n, sim, numel, chan_elems, add, materialize, generic):
+        args = n.args
+        rs = [sim.get(a) if isinstance(a, fx.Node) else None for a in args]
+        if any(r == "per" for r in rs):
+            return generic(n)
+        nodes = [a for a in args if isinstance(a, fx.Node)]
+        if any(not _is_tensor(self.env[a]) for a in nodes):
+            return generic(n)
+        out = self.env[n]
+        chans = [r for r in rs if isinstance(r, tuple)]
+        if chans and "full" not in rs:
+            same = all(r == chans[0] for r in chans)
+            if same and all(self.env[a].shape == out.shape for a in nodes):
+                gathered = sum(1 for a, r in zip(args, rs) if isinstance(a, fx.Node) and r is None)
+                add(moves=(2 + gathered) * chan_elems(n, chans[0][1]))
+                return chans[0]
+        if any(r is not None and self.env[a].dim() != out.dim() for a, r in zip(args, rs)):
+            return generic(n)
+        for a, r in zip(args, rs):
+            materialize(a, r)
+        add(moves=2 * out.numel())
+        return "full"
 
     # ---- base forward ---------------------------------------------------------------
 
@@ -452,57 +664,62 @@ class QueryEngine:
         return env
 
     def _derive(self):
-        """Values derived from the cache (BN statistics); same code for prepare and load_features."""
-        batch = self.env[self.input_node].shape[0]
-        if batch != self._batch:  # measured tensor sizes per copy scale with the minibatch
-            self._batch = batch
+        """Values derived from the cache (BN statistics, each plan's work); same for prepare and load_features."""
+        shape = tuple(self.env[self.input_node].shape)
+        if shape != self._in_shape:  # tensor sizes per copy depend on the input shape only
+            self._in_shape = shape
             for plan in self.plans:
-                plan.elems = None
+                self._plan_work(plan)
         self._bn_stats = {}
         self._xpad = {}
         for n in self.nodes:
             if self.kind[n] == "bn":
                 self._bn_stats[n] = self._bn_stats_of(self.modules[n.target], self.env[n.args[0]])
 
-    def _loss_per_copy(self, logits, Q):
-        y = self.y
-        if self.loss_fn is None:
-            yq = self._yrep.get(Q)
-            if yq is None:
-                yq = self._yrep[Q] = y.repeat(Q)
-            # cross entropy per sample as logsumexp - logit of the label (4x faster on CPU than
-            # F.cross_entropy for small class counts)
-            ce = torch.logsumexp(logits, 1) - logits.gather(1, yq[:, None]).squeeze(1)
-            return ce.view(Q, -1).mean(1)
-        chunks = logits.view(Q, logits.shape[0] // Q, *logits.shape[1:])
-        return torch.stack([self.loss_fn(chunks[q], y).reshape(()) for q in range(Q)])
+    def _targets(self, y):
+        """Targets on the model's device, any shape and dtype; non-tensor targets pass as given."""
+        dev = self.params[0].device
+        if _is_tensor(y):
+            return y.to(dev)
+        try:
+            return torch.as_tensor(y).to(dev)
+        except (TypeError, ValueError, RuntimeError):
+            return y
+
+    def _check_output(self):
+        out = self.env[self.output_node]
+        batch = self.env[self.input_node].shape[0]
+        if not _is_tensor(out) or out.dim() == 0 or out.shape[0] != batch:
+            what = f"shape {tuple(out.shape)}" if _is_tensor(out) else type(out).__name__
+            raise ConfigError(f"model {type(self.model).__name__}: output has {what} for a batch of {batch} "
+                              f"(the engine needs one tensor with the batch as dimension 0)")
 
     @torch.no_grad()
     def prepare(self, x, y):
         """Unperturbed forward (batch statistics), caching every intermediate value; base loss."""
         dev, dtype = self.params[0].device, self.params[0].dtype
         x = torch.as_tensor(x).to(device=dev, dtype=dtype)
-        y = torch.as_tensor(y).to(device=dev)
+        self.env = None  # a failure below leaves the engine unprepared, never half-prepared
         env = self._forward_cache(self._fmt(x))
-        self.env = {n: self._fmt(v) for n, v in env.items()}
-        self.y = y
-        self._yrep = {}
-        self._set_feat_nodes()
-        self._derive()
-        self.base = self._loss_per_copy(self.env[self.logits_node], 1)[0]
-        self._probe_sizes()
+        env = {n: self._fmt(v) for n, v in env.items()}
+        self._set_feat_nodes(env)
+        self._install(env, self._targets(y), None)
         return self.base
 
-    def _probe_sizes(self):
-        """Fix every plan's stacked size per copy with one single-copy query, once per batch size.
-
-        Group sizes then depend on the plan and the minibatch shape only, never on which
-        queries a rank happened to run first: the same coordinates share a stacked pass on
-        every rank and in every shard layout (bit-identical gradients).
-        """
-        for pi, plan in enumerate(self.plans):
-            if plan.reaches_loss and plan.elems is None and self.params[pi].numel() > 0:
-                self.query(pi, [0], [0.0])
+    def _install(self, env, y, base):
+        """Make ``env`` the cache for minibatch targets ``y``; base loss computed unless given."""
+        self.env = env
+        try:
+            self._check_output()
+            self.y = y
+            self._derive()
+            if base is None:
+                base = self.objective(self.env[self.output_node], y, 1)[0]
+            self.base = torch.as_tensor(base).to(device=self.params[0].device,
+                                                 dtype=self.params[0].dtype).reshape(())
+        except BaseException:
+            self.env = None
+            raise
 
     def _fmt(self, t):
         """The engine's memory layout for a cached tensor (NHWC for 4-D when channels_last)."""
@@ -510,43 +727,44 @@ class QueryEngine:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
-    def _set_feat_nodes(self):
+    def _set_feat_nodes(self, env):
         self._feat_nodes = [n for n in self.nodes if n.op in ("placeholder", "call_module", "call_function",
-                                                              "call_method") and _is_tensor(self.env[n])]
+                                                              "call_method") and _is_tensor(env[n])]
 
     # ---- features for MPI broadcast ---------------------------------------------------
 
     def feature_tensors(self) -> list:
-        """Cached activations (every tensor-valued node, graph order) followed by the labels y.
+        """Cached activations: every tensor-valued node (the input batch first), graph order.
 
-        All are contiguous (ready for buffer-based MPI); the receiver passes them, with the
-        base loss, to :meth:`load_features`.
+        All are contiguous (ready for buffer-based MPI). The receiver passes them, with the
+        minibatch targets and the base loss (shared by the caller), to :meth:`load_features`.
         """
         self._need_prepared()
-        return [self.env[n].contiguous() for n in self._feat_nodes] + [self.y.contiguous()]
+        return [self.env[n].contiguous() for n in self._feat_nodes]
 
     @torch.no_grad()
-    def feature_shapes(self, x_shape, y_dtype=torch.int64) -> list:
+    def feature_shapes(self, x_shape) -> list:
         """(shape, dtype) of each feature_tensors() entry for an input batch of shape ``x_shape``.
 
         Found with one forward pass on zeros (start-up cost), so receivers can allocate buffers.
         """
         dev, dtype = self.params[0].device, self.params[0].dtype
         env = self._forward_cache(torch.zeros(tuple(x_shape), device=dev, dtype=dtype))
-        nodes = [n for n in self.nodes if n.op in ("placeholder", "call_module", "call_function",
-                                                   "call_method") and _is_tensor(env[n])]
         if self._feat_nodes is None:
-            self._feat_nodes = nodes
-        return [(tuple(env[n].shape), env[n].dtype) for n in nodes] + [((int(x_shape[0]),), y_dtype)]
+            self._set_feat_nodes(env)
+        return [(tuple(env[n].shape), env[n].dtype) for n in self._feat_nodes]
 
     @torch.no_grad()
-    def load_features(self, tensors, base) -> None:
-        """Install broadcast features (from another rank's feature_tensors()) instead of prepare."""
+    def load_features(self, tensors, y, base) -> None:
+        """Install broadcast features (another rank's feature_tensors()) instead of prepare.
+
+        ``y``: the minibatch targets, ``base``: the base loss (the sender's prepare value).
+        """
         tensors = list(tensors)
         if self._feat_nodes is None:
             self.feature_shapes(tuple(tensors[0].shape))
-        if len(tensors) != len(self._feat_nodes) + 1:
-            raise ValueError(f"expected {len(self._feat_nodes) + 1} feature tensors, got {len(tensors)}")
+        if len(tensors) != len(self._feat_nodes):
+            raise ValueError(f"expected {len(self._feat_nodes)} feature tensors, got {len(tensors)}")
         env = {}
         dev = self.params[0].device
         for n, t in zip(self._feat_nodes, tensors):
@@ -554,12 +772,7 @@ class QueryEngine:
         for n in self.nodes:  # non-tensor values (shapes, tuples, parameters) are recomputed
             if n not in env and n.op not in ("output",):
                 env[n] = self._call(n, map_arg(n.args, env.__getitem__), map_arg(n.kwargs, env.__getitem__))
-        self.env = env
-        self.y = tensors[-1].to(dev)
-        self._yrep = {}
-        self._derive()
-        self.base = torch.as_tensor(base).to(device=self.params[0].device, dtype=self.params[0].dtype).reshape(())
-        self._probe_sizes()
+        self._install(env, self._targets(y), base)
 
     def _need_prepared(self):
         if self.env is None:
@@ -988,13 +1201,10 @@ class QueryEngine:
                 big = max(big, (rep.v if isinstance(rep, _Chan) else rep.t).numel())
             for a in plan.free_after.get(n, ()):
                 reps.pop(a, None)
-        per_copy = -(-big // Q)
-        if plan.elems is None:  # frozen after the probe (see _probe_sizes)
-            plan.elems = per_copy
-        r = reps[self.logits_node]
-        if isinstance(r, _Per):
-            return torch.stack([self._loss_per_copy(v, 1)[0] for v in r.vals])
-        return self._loss_per_copy(self._materialize(self.logits_node, r, Q), Q)
+        self.last_elems = -(-big // Q)
+        r = reps[self.output_node]
+        out = torch.cat(r.vals) if isinstance(r, _Per) else self._materialize(self.output_node, r, Q)
+        return self.objective(out, self.y, Q)
 
     def _check_coords(self, coords):
         if list(coords.param_names) != self.param_names:
@@ -1021,6 +1231,7 @@ class QueryEngine:
         out = self.base.new_empty(stop - start)
         pos = 0
         for pi, chunk in self._groups(coords, start, stop, self.batch_size):
+            self.check()
             out[pos:pos + len(chunk)] = self.query(pi, chunk, [sign * mu] * len(chunk))
             pos += len(chunk)
         return out
@@ -1029,7 +1240,7 @@ class QueryEngine:
         """Copies per batched pass for this parameter: query_batch, capped by max_elements."""
         e = self.plans[param_index].elems
         if e is None:
-            return 1  # first query measures the plan's tensor sizes
+            return 1  # not prepared yet
         cap = max(1, min(self.query_batch, self.max_elements // max(1, e)))
         # a divisor of query_batch: groups then tile the shards, whose bounds fall on
         # multiples of query_batch within a parameter (zohpc.distributed.balanced_bounds)
@@ -1044,39 +1255,13 @@ class QueryEngine:
         minus = self.base.new_empty(stop - start)
         pos = 0
         for pi, chunk in self._groups(coords, start, stop, lambda pi: max(1, self.batch_size(pi) // 2)):
+            self.check()
             k = len(chunk)
             v = self.query(pi, chunk + chunk, [mu] * k + [-mu] * k)
             plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
             pos += k
         return plus, minus
 
-    @torch.no_grad()
     def measure_costs(self, coords, x, y, repeats: int = 2, only=None) -> list:
-        """Seconds per query for each parameter (min over ``repeats`` timed batches, real device).
-
-        ``only``: indices of the parameters to time (others get 0.0), so that several ranks
-        can split the measurement and sum their results.
-        """
-        self._check_coords(coords)
-        self.prepare(x, y)
-        dev = self.params[0].device
-        costs = []
-        wanted = set(range(len(self.params)) if only is None else only)
-        for pi, p in enumerate(self.params):
-            if pi not in wanted:
-                costs.append(0.0)
-                continue
-            n = p.numel()
-            Q = min(self.query_batch, n)
-            flat = torch.linspace(0, n - 1, Q).round().long().tolist()
-            best = math.inf
-            for _ in range(max(1, repeats)):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                self.query(pi, flat, [1e-3] * Q)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                best = min(best, time.perf_counter() - t0)
-            costs.append(best / Q)
-        return costs
+        """Seconds per query of each parameter, each timed: :func:`zohpc.zo.costs.measured_costs`."""
+        return measured_costs(self, coords, x, y, repeats, only, self.check)

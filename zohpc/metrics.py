@@ -1,0 +1,155 @@
+"""The records of ``metrics.jsonl``: one typed dataclass per event, one JSON object per line.
+
+The trainer writes them, checkpoints keep them (the history so far), ``zohpc.analyze``
+reads them back with :func:`parse_record`. Keys are only ever added. The file is appended
+to, never truncated: a resumed run continues it after a ``resume`` record, and where a step
+appears twice (a crash after the last checkpoint) the later record is the one that counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Start:
+    """A run began (written once per run)."""
+    ranks: int
+    model: str
+    params: int
+    masks: str
+    estimator: str
+    task: str = "classify"
+    time: float = 0.0
+    event: str = "start"
+
+
+@dataclass
+class Ready:
+    """Start-up is over: the next thing is the first query (written per segment)."""
+    startup_seconds: float  # from process start
+    phases: dict  # phase name -> seconds
+    step: int = 0
+    event: str = "ready"
+
+
+@dataclass
+class Masks:
+    """A mask draw took effect."""
+    epoch: int
+    draw: int
+    active_coords: int
+    time: float = 0.0
+    event: str = "masks"
+
+
+@dataclass
+class Step:
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    queries: int
+    seconds: float
+    rank_compute_seconds: list = field(default_factory=list)
+    time: float = 0.0
+    event: str = "step"
+
+
+@dataclass
+class Eval:
+    step: int
+    epoch: int
+    test_loss: float
+    metrics: dict = field(default_factory=dict)
+    time: float = 0.0
+    event: str = "eval"
+
+    @property
+    def test_acc(self):
+        return self.metrics.get("accuracy")
+
+
+@dataclass
+class Resume:
+    """A new segment continues the run from a checkpoint."""
+    step: int
+    checkpoint: str
+    changed: list = field(default_factory=list)  # config keys changed on resume (allowed ones)
+    ranks: int = 1
+    event: str = "resume"
+
+
+@dataclass
+class Stopped:
+    """A stop signal ended the segment; ``checkpoint`` holds the last completed step."""
+    step: int
+    signal: str
+    checkpoint: str | None
+    time: float = 0.0
+    event: str = "stopped"
+
+
+@dataclass
+class Done:
+    step: int
+    epoch: int
+    best: dict
+    final: dict
+    queries: int
+    wall_seconds: float
+    event: str = "done"
+
+
+RECORDS = {cls.__dataclass_fields__["event"].default: cls
+           for cls in (Start, Ready, Masks, Step, Eval, Resume, Stopped, Done)}
+
+
+def to_json(record) -> dict:
+    out = dataclasses.asdict(record)
+    if isinstance(record, Eval) and record.test_acc is not None:
+        out["test_acc"] = record.test_acc  # the classify task's headline figure, at top level
+    if isinstance(record, Done):
+        out["best_test_acc"] = record.best.get("accuracy")
+        out["final_test_acc"] = record.final.get("accuracy")
+    return out
+
+
+def parse_record(obj: dict):
+    """The typed record of a JSON object, or None (unknown event, missing or mistyped keys)."""
+    cls = RECORDS.get(obj.get("event")) if isinstance(obj, dict) else None
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in names})
+    except TypeError:
+        return None
+
+
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """``metrics.jsonl`` of a run on the driver (append-only) and the history kept in checkpoints."""
+
+    def __init__(self, path: str | None, history: list[dict] | None = None):
+        self.path = path
+        self.history = list(history or [])
+
+    def write(self, record) -> dict:
+        obj = to_json(record)
+        self.history.append(obj)
+        if self.path is not None:
+            line = json.dumps({k: _finite(v) for k, v in obj.items()}) + "\n"
+            with open(self.path, "a") as fh:
+                fh.write(line)
+        return obj
+
+    def records(self, cls):
+        return [r for r in map(parse_record, self.history) if isinstance(r, cls)]

@@ -1,0 +1,174 @@
+"""The sparse-CGE step over MPI: every active coordinate one forward-difference query, the
+coordinates sharded over the ranks in contiguous runs balanced by predicted cost."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..errors import UserError
+from ..stop import StepAbandoned
+from ..zo import Coordinates, cge
+from .protocol import StepResult, settle, share_batch, share_state
+from .sharding import balanced_bounds, corrected_costs, shard_costs
+
+
+class CGEStep:
+    """Sparse CGE (DeepZero): ``g_i = (f(θ + μ e_i) − f(θ)) / μ`` for every active coordinate.
+
+    ``engine``: a :class:`~zohpc.zo.QueryEngine` (per-layer feature reuse) or the full-forward
+    fallback; ``features``: ``"recompute"`` (each rank runs the cached forward itself) or
+    ``"broadcast"`` (the driver's cached activations are broadcast); both give identical values.
+    """
+
+    name = "cge"
+
+    def __init__(self, comm, model, engine, *, mu: float, difference: str = "forward", stop=None):
+        self.comm, self.model, self.engine = comm, model, engine
+        self.mu, self.difference, self.stop = mu, difference, stop
+        self.features = "recompute"
+        self.coords: Coordinates | None = None
+        self.costs: list[float] = []
+        self.bounds: list[int] = []
+        self.progress = None  # callback(done_groups, total_groups) on the driver, for long steps
+
+    # ---- the shard layout -------------------------------------------------------------
+    @property
+    def granule(self) -> int:
+        q = self.engine.query_batch
+        return q if self.difference == "forward" else max(1, q // 2)
+
+    def set_coords(self, coords: Coordinates, costs: list[float]) -> None:
+        """New active coordinates (a mask draw) and per-parameter seconds per query (agreed)."""
+        self.coords, self.costs = coords, list(costs)
+        self.bounds = balanced_bounds(list(coords.counts), self.costs, self.comm.size, self.granule)
+
+    def rebalance(self, compute: list[float]) -> None:
+        """Correct the costs with the measured shard times of a step (the same on every rank)."""
+        if self.comm.size > 1:
+            self.set_coords(self.coords, corrected_costs(self.bounds, list(self.coords.counts), self.costs, compute))
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.bounds[self.comm.rank], self.bounds[self.comm.rank + 1]
+
+    def predicted_imbalance(self) -> float:
+        loads = shard_costs(self.bounds, list(self.coords.counts), self.costs)
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean > 0 else 1.0
+
+    @property
+    def queries_per_step(self) -> int:
+        return self.coords.total * (2 if self.difference == "central" else 1)
+
+    def _groups_in_shard(self) -> int:
+        start, stop = self.shard
+        total = 0
+        for pi, flat in self.coords.runs(start, stop):
+            per = self.engine.batch_size(pi)
+            if self.difference == "central":
+                per = max(1, per // 2)
+            total += -(-len(flat) // per)
+        return total
+
+    # ---- one step ---------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, apply_update) -> StepResult:
+        """One step on the minibatch (x, y); ``apply_update(values, x)`` runs on the driver only."""
+        comm, engine = self.comm, self.engine
+        times = {}
+        t0 = time.perf_counter()
+        share_batch(comm, x, y)
+
+        # the unperturbed forward (cached features) and the base loss, on the driver
+        base = torch.full((1,), math.nan, dtype=torch.float64)
+        error = None
+        if comm.is_driver:
+            try:
+                base[0] = float(engine.prepare(x, y))
+            except UserError as exc:
+                error = str(exc)
+        comm.bcast_(base)
+        ok = math.isfinite(float(base[0]))
+        if ok and comm.size > 1:  # the same branch on every rank: base is shared
+            if self.features == "broadcast":
+                feats = engine.feature_tensors() if comm.is_driver else \
+                    [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape))]
+                for t in feats:
+                    comm.bcast_(t)
+                if not comm.is_driver:
+                    engine.load_features(feats, y, float(base[0]))
+            elif not comm.is_driver:
+                try:
+                    engine.prepare(x, y)
+                except UserError as exc:
+                    error = str(exc)
+        t1 = time.perf_counter()
+        times["forward"] = t1 - t0
+
+        # this rank's shard of the coordinates
+        start, stop = self.shard
+        dtype = next(self.model.parameters()).dtype
+        local = torch.full((stop - start,), math.nan, dtype=dtype)
+        abandoned = False
+        if ok and error is None:
+            engine.check = self._check_with_progress()
+            try:
+                local = cge(engine, self.coords, self.mu, self.difference, start, stop, base=float(base[0]))
+            except StepAbandoned:
+                abandoned = True
+            except UserError as exc:
+                error = str(exc)
+        local = local.to(dtype).cpu().contiguous()
+        t2 = time.perf_counter()
+        times["compute"] = t2 - t1
+
+        values = comm.gatherv(local, [self.bounds[r + 1] - self.bounds[r] for r in range(comm.size)])
+        times["gather"] = time.perf_counter() - t2
+        if not ok and error is None and comm.is_driver:
+            error = f"loss is {float(base[0])} (not finite)"
+        compute = settle(comm, self.stop, step, times["compute"], abandoned, error)
+
+        t3 = time.perf_counter()
+        if comm.is_driver:
+            apply_update(values, x)
+        share_state(comm, self.model)
+        times["update"] = time.perf_counter() - t3
+        return StepResult(loss=float(base[0]), queries=self.queries_per_step, compute=compute, times=times)
+
+    def _check_with_progress(self):
+        stop_check = self.stop.check if self.stop is not None else None
+        report = self.progress if self.comm.is_driver else None
+        if report is None:
+            return stop_check or (lambda: None)
+        total = self._groups_in_shard()
+        done = [0]
+
+        def check():
+            if stop_check is not None:
+                stop_check()
+            report(done[0], total)
+            done[0] += 1
+
+        return check
+
+
+def choose_features_mode(comm, engine, x: torch.Tensor, y: torch.Tensor) -> str:
+    """Pick ``broadcast`` or ``recompute`` by timing both on this job (identical results).
+
+    Recompute costs one cached forward on each worker; broadcast costs moving the cached
+    activations. The slower of the two ranks decides, the same on every rank.
+    """
+    if comm.size == 1:
+        return "recompute"
+    t0 = time.perf_counter()
+    engine.prepare(x, y)
+    t_prepare = comm.allreduce_max(time.perf_counter() - t0)
+    feats = [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape))]
+    comm.barrier()
+    t0 = time.perf_counter()
+    for t in feats:
+        comm.bcast_(t)
+    t_bcast = comm.allreduce_max(time.perf_counter() - t0)
+    return "broadcast" if t_bcast < t_prepare else "recompute"
