@@ -27,7 +27,7 @@ from .blackbox import BlackBox, PixelData, load_pixels, train_classifier
 
 DEFAULTS = {
     "image": 0,  # index of the attacked image in the test set
-    "epsilon": 0.2,  # L-infinity budget in [0, 1] pixel units
+    "epsilon": 0.1,  # L-infinity budget in [0, 1] pixel units
     "kappa": 0.0,  # margin floor: the loss stops improving once the margin is below -kappa
     "classifier": "digits_cnn",
     "classifier_epochs": 30,
@@ -83,8 +83,7 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
         return {"success": float(np.mean(m < 0)), "margin": float(np.mean(m))}
 
     task = Task(model=Perturbation(x.shape[1:], float(opts["epsilon"])), train=(x, y), test=(x, y), loss=loss,
-                metrics=metrics, name="attack", options=dict(opts))
-    task.blackbox = bb
+                metrics=metrics, name="attack", info=dict(opts))
     return task
 
 

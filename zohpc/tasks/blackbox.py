@@ -103,15 +103,9 @@ def train_classifier(data: PixelData, model_name: str = "digits_cnn", epochs: in
                 loss.backward()
                 opt.step()
     if comm is not None and comm.size > 1:
-        state = clf.state_dict()
-        flat = torch.cat([t.detach().reshape(-1).double() for t in state.values()])
-        comm.bcast_(flat)
-        offset = 0
-        with torch.no_grad():
-            for t in state.values():
-                n = t.numel()
-                t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
-                offset += n
+        from ..steps.protocol import share_state
+
+        share_state(comm, clf)
     clf.eval()
     for p in clf.parameters():
         p.requires_grad_(False)

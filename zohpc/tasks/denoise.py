@@ -99,8 +99,7 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
 
     model = make_denoiser(data.input_shape[0], int(opts["width"]), int(opts["depth"]), seed)
     task = Task(model=model, train=(train_x, train_y), test=(test_x, data.test_y), loss=loss,
-                metrics=metrics, name="denoise", options=dict(opts))
-    task.blackbox = bb  # the query counter, for reports
+                metrics=metrics, name="denoise", info=dict(opts))
     return task
 
 
