@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from zohpc.errors import UserError
 from zohpc.models import MODEL_NAMES, build_model
-from zohpc.zo import Coordinates, QueryEngine, cge, check_deterministic, rge
+from zohpc.zo import Coordinates, QueryEngine, cge, check_deterministic
 
 CASES = [
     ("digits_cnn", (1, 8, 8), 16),
@@ -270,32 +270,6 @@ def test_measure_costs_positive():
     coords = Coordinates(m)
     costs = QueryEngine(m, query_batch=4).measure_costs(coords, x, y, repeats=1)
     assert len(costs) == len(coords.param_names) and all(c > 0 for c in costs)
-
-
-def test_rge_quadratic_expectation_and_determinism():
-    torch.manual_seed(0)
-    A = torch.randn(6, 6, dtype=torch.float64)
-    H = A @ A.T / 6 + torch.eye(6, dtype=torch.float64)
-    p1 = torch.randn(2, 2, dtype=torch.float64)
-    p2 = torch.randn(2, dtype=torch.float64)
-
-    def f():
-        v = torch.cat([p1.reshape(-1), p2])
-        return 0.5 * v @ H @ v
-
-    v = torch.cat([p1.reshape(-1), p2])
-    true = H @ v
-    saved = (p1.clone(), p2.clone())
-    for norm, scale in (("gaussian", 1.0), ("unit_d", 1.0), ("unit", 1.0 / 6)):
-        gen = torch.Generator().manual_seed(7)
-        est = torch.cat([t.reshape(-1) for t in rge(f, [p1, p2], 4000, 1e-4, gen, normalize=norm)])
-        cos = (est @ true / est.norm() / true.norm()).item()
-        assert cos > 0.95, (norm, cos)
-        assert abs(est.norm() / (scale * true.norm()) - 1) < 0.2, norm
-    assert torch.equal(p1, saved[0]) and torch.equal(p2, saved[1])
-    a = rge(f, [p1, p2], 5, 1e-3, torch.Generator().manual_seed(1))
-    b = rge(f, [p1, p2], 5, 1e-3, torch.Generator().manual_seed(1))
-    assert all(torch.equal(u, w) for u, w in zip(a, b))
 
 
 def test_aliasing_and_in_place_paths():

@@ -1,8 +1,11 @@
-"""SLURM templates: valid bash, real CLI options and config keys, and working preempt/requeue.
+"""Slurm templates without Slurm: valid bash, settings from the environment, real CLI options and
+config keys, and the preempt/requeue logic.
 
 The behavioural tests run the templates with plain bash and fake ``srun``/``scontrol``
-executables first on PATH: the fake srun records the command line it was given and
-plays a training run that finishes, fails, or checkpoints and exits 75 on SIGUSR1.
+executables first on PATH: the fake srun records the command line it was given and plays a
+run that finishes, fails, or checkpoints and exits 75 on SIGUSR1; the fake scontrol records
+requeues and reports a restart count. tests/test_slurm.py runs the same templates on a real
+Slurm cluster.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,95 +25,64 @@ from zohpc.config import Config, apply_mapping, load_config, parse_override
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 TEMPLATES = ["train.sbatch", "prune.sbatch", "sweep.sbatch"]
-# CONTRACT.md: the prune CLI's documented options (used while zohpc.prune is not importable)
-PRUNE_DOCUMENTED = {"--config", "--set", "--method", "--sparsity", "--out", "--seed", "-h", "--help"}
-
-
-def parser_options(module: str) -> set[str] | None:
-    try:
-        mod = __import__(f"zohpc.{module}", fromlist=["build_parser"])
-    except ImportError:
-        return None
-    return {opt for action in mod.build_parser()._actions for opt in action.option_strings}
-
-
-def allowed_options(module: str) -> set[str]:
-    found = parser_options(module)
-    if found is None:
-        assert module == "prune", f"zohpc.{module} must be importable"
-        return PRUNE_DOCUMENTED
-    return found
-
-
-def joined_lines(text: str) -> list[str]:
-    return text.replace("\\\n", " ").splitlines()
-
-
-def cli_options(text: str, module: str) -> list[str]:
-    """Every --option on the command lines that run ``python -m zohpc.<module>``."""
-    options = []
-    for line in joined_lines(text):
-        if line.lstrip().startswith("#"):
-            continue
-        m = re.search(rf"python -m zohpc\.{module}\b(.*)", line)
-        if m:
-            options += re.findall(r"(?<![\w$-])(--[a-z][a-z0-9-]*)", m.group(1))
-    return options
-
-
-def set_pairs(text: str) -> list[str]:
-    """``section.key=value`` after every ``--set`` in a template (comments included)."""
-    return re.findall(r"--set[ =]([A-Za-z_]+\.[A-Za-z_]+=[^\s)\"']+)", text)
+SHARED_MARK = "# ============ shared by jobs/*.sbatch from here on"
 
 
 def sweep_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def sbatch_options(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
 @pytest.mark.parametrize("name", TEMPLATES)
-def test_template_is_valid_bash(name):
+def test_template_is_valid_bash_and_works_as_shipped(name):
     p = subprocess.run(["bash", "-n", str(JOBS / name)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     text = (JOBS / name).read_text()
     assert text.startswith("#!/bin/bash\n")
-    assert "#SBATCH --account=<ACCOUNT>" in text and "#SBATCH --partition=<PARTITION>" in text
+    assert not re.search(r"<[A-Z][A-Z_]+>", text), "placeholders make an unedited template fail at submit"
+    for opt in sbatch_options(text):
+        # site-specific: a GPU request is an invalid gres on a CPU cluster, a partition or
+        # account may not exist, a time limit may exceed the partition's (EnforcePartLimits)
+        assert not opt.startswith(("--gpus", "--gres", "--partition", "--account", "--time", "-p", "-A", "-t")), opt
+    assert any(opt.startswith("--output=slurm-%x-") for opt in sbatch_options(text))
 
 
-@pytest.mark.parametrize("name,module", [("train.sbatch", "train"), ("sweep.sbatch", "train"),
-                                         ("prune.sbatch", "prune")])
-def test_template_options_are_real(name, module):
-    text = (JOBS / name).read_text()
-    used = cli_options(text, module)
-    assert used, f"{name} does not run python -m zohpc.{module}"
-    unknown = sorted(set(used) - allowed_options(module))
-    assert not unknown, f"{name}: options not accepted by zohpc.{module}: {unknown}"
+def test_templates_share_one_launch_block():
+    """The launch, signal forwarding and requeue code is the same text in every template."""
+    blocks = {}
+    for name in TEMPLATES:
+        text = (JOBS / name).read_text()
+        assert text.count(SHARED_MARK) == 1, name
+        blocks[name] = text[text.index(SHARED_MARK):]
+    assert len(set(blocks.values())) == 1, "jobs/*.sbatch: the shared blocks differ"
 
 
 def test_train_templates_resume_and_requeue():
     for name in ("train.sbatch", "sweep.sbatch"):
-        text = (JOBS / name).read_text()
-        assert "--resume auto" in text and "#SBATCH --requeue" in text
-        assert re.search(r"#SBATCH --signal=B:USR1@\d+", text)
-        assert 'if [ "$rc" -eq 75 ]' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+        opts = sbatch_options((JOBS / name).read_text())
+        assert "--requeue" in opts and "--open-mode=append" in opts
+        assert any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in opts)
 
 
-def test_set_keys_are_real_config_keys():
-    pairs = [p for name in TEMPLATES for p in set_pairs((JOBS / name).read_text())]
+def test_sweep_file_keys_are_real_config_keys():
     lines = sweep_lines(JOBS / "sweep.txt")
-    assert lines, "jobs/sweep.txt has no runs"
-    pairs += [kv for line in lines for kv in line.split()]
-    assert len(pairs) > len(lines)
-    for kv in pairs:
-        section, key, value = parse_override(kv)
-        apply_mapping(Config(), {section: {key: value}}, f"--set {kv}")  # ConfigError on an unknown key/type
-    for line in lines:  # every sweep run is a complete, valid config
-        load_config(None, line.split())
+    assert len(lines) == 6  # the template's default --array=1-6
+    assert "--array=1-6%3" in sbatch_options((JOBS / "sweep.sbatch").read_text())
+    for line in lines:
+        for kv in line.split():
+            section, key, value = parse_override(kv)
+            apply_mapping(Config(), {section: {key: value}}, f"--set {kv}")  # ConfigError on an unknown key/type
+        load_config(None, line.split())  # every sweep run is a complete, valid config
 
 
 # --------------------------------------------------------------------------- behaviour
 FAKE_SRUN = r"""#!/bin/bash
-# fake srun: record the command line, then play a training run
+# fake srun: record the command line, then play a run
 printf '%s\n' "$@" > "$FAKE_DIR/srun.args"
+echo "fake srun output"
 case "$FAKE_MODE" in
     ok) exit 0 ;;
     fail) exit 2 ;;
@@ -123,6 +96,13 @@ esac
 """
 FAKE_SCONTROL = """#!/bin/bash
 echo "$@" >> "$FAKE_DIR/scontrol.log"
+case "$*" in
+    *"show job"*) echo "JobId=$SLURM_JOB_ID JobName=x Requeue=1 Restarts=${FAKE_RESTARTS:-0} BatchFlag=1" ;;
+    requeue*) exit "${FAKE_REQUEUE_RC:-0}" ;;
+esac
+"""
+BROKEN_PYTHON = """#!/bin/bash
+exit 1
 """
 
 
@@ -133,15 +113,20 @@ def fake_slurm(tmp_path):
     for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "activate").write_text("# fake venv\n")
+    (bin_dir / "python").symlink_to(sys.executable)  # the python that imports this zohpc
     submit = tmp_path / "submit"
     submit.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_DIR": str(tmp_path),
            "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "zohpc-train",
-           "SLURM_CPUS_PER_TASK": "3", "MODULES": "", "VENV": str(venv)}
+           "SLURM_CPUS_PER_TASK": "3"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return tmp_path, env
+
+
+def run_template(name, env, *args, timeout=60):
+    return subprocess.run(["bash", str(JOBS / name), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def recorded_command(tmp_path, module):
@@ -156,8 +141,11 @@ def parse_with(module, argv):
     return mod.build_parser().parse_args(argv)
 
 
-def test_train_preempted_checkpoint_requeues(fake_slurm):
-    tmp_path, env = fake_slurm
+def log_of(tmp_path, out, name="train", job="4242"):
+    return (tmp_path / "submit" / out / "logs" / f"{name}-{job}.out").read_text()
+
+
+def preempt(tmp_path, env):
     proc = subprocess.Popen(["bash", str(JOBS / "train.sbatch")], env={**env, "FAKE_MODE": "preempt"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -165,40 +153,104 @@ def test_train_preempted_checkpoint_requeues(fake_slurm):
         while not (tmp_path / "started").exists():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR1)  # what SLURM does 120 s before the time limit
+        proc.send_signal(signal.SIGUSR1)  # what Slurm does 120 s before the time limit
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 75, err
     assert (tmp_path / "signals").read_text().split() == ["usr1"]  # forwarded to the step, once
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    srun_opts, argv = recorded_command(tmp_path, "train")
-    assert "--kill-on-bad-exit=1" in srun_opts
-    args = parse_with("train", argv)
-    assert args.resume == "auto" and args.out == "runs/zohpc-train-4242" and args.config == "configs/default.toml"
-    assert "USR1 received" in err
+    return proc.returncode, out + err, log_of(tmp_path, "runs/zohpc-train-4242")
 
 
-@pytest.mark.parametrize("mode,code", [("ok", 0), ("fail", 2)])
-def test_train_normal_exit_does_not_requeue(fake_slurm, mode, code):
+def test_train_preempted_checkpoint_requeues(fake_slurm):
     tmp_path, env = fake_slurm
-    p = subprocess.run(["bash", str(JOBS / "train.sbatch")], env={**env, "FAKE_MODE": mode, "CONFIG": "my.toml",
-                                                                  "OUT": "runs/x"},
-                       capture_output=True, text=True, timeout=30)
+    rc, shell_out, log = preempt(tmp_path, env)
+    assert rc == 75, log
+    assert (tmp_path / "scontrol.log").read_text().split("\n")[-2].split() == ["requeue", "4242"]
+    assert "SIGUSR1 received" in log and "requeued job 4242; it resumes from the checkpoint" in log
+    srun_opts, argv = recorded_command(tmp_path, "train")
+    assert srun_opts == ["--mpi=pmi2", "--wait=60"]
+    args = parse_with("train", argv)
+    assert args.resume == "auto" and args.out == "runs/zohpc-train-4242" and args.config is None
+    # the job's own output file only points at the log in the run directory
+    assert shell_out.strip() == "train.sbatch: job 4242: output goes to runs/zohpc-train-4242/logs/train-4242.out"
+
+
+def test_requeue_from_outside_is_recognised(fake_slurm):
+    """`scontrol requeue` from outside: Slurm already counts the restart, the script must not say it failed."""
+    tmp_path, env = fake_slurm
+    rc, _, log = preempt(tmp_path, {**env, "FAKE_RESTARTS": "1", "FAKE_REQUEUE_RC": "1"})
+    assert rc == 75
+    assert "requeue" not in (tmp_path / "scontrol.log").read_text().split()
+    assert "Slurm has requeued job 4242 already" in log and "failed" not in log
+
+
+def test_failed_requeue_says_how_to_resume(fake_slurm):
+    tmp_path, env = fake_slurm
+    rc, _, log = preempt(tmp_path, {**env, "SLURM_RESTART_COUNT": "2", "FAKE_RESTARTS": "2", "FAKE_REQUEUE_RC": "1"})
+    assert rc == 75
+    assert "(restart 2)" in log and "scontrol requeue failed; resubmit with OUT=runs/zohpc-train-4242" in log
+
+
+@pytest.mark.parametrize("mode,code,message", [("ok", 0, "done (exit 0)"), ("fail", 2, "stopped by bad input")])
+def test_train_normal_exit_does_not_requeue(fake_slurm, mode, code, message):
+    tmp_path, env = fake_slurm
+    (tmp_path / "submit" / "optim.betas=9").write_text("")  # a file the override would match as a glob
+    p = run_template("train.sbatch", {**env, "FAKE_MODE": mode, "CONFIG": "my.toml", "OUT": "runs/x",
+                                      "EXTRA_SETS": " optim.lr=0.1  optim.betas=[0.9,0.99] "},
+                     "--set", "train.epochs=3")
     assert p.returncode == code, p.stderr
     assert not (tmp_path / "scontrol.log").exists()
     args = parse_with("train", recorded_command(tmp_path, "train")[1])
-    assert args.config == "my.toml" and args.out == "runs/x"
+    assert args.config == "my.toml" and args.out == "runs/x" and args.resume == "auto"
+    assert args.overrides == ["optim.lr=0.1", "optim.betas=[0.9,0.99]", "train.epochs=3"]
+    for kv in args.overrides:
+        section, key, value = parse_override(kv)
+        apply_mapping(Config(), {section: {key: value}}, kv)
+    log = log_of(tmp_path, "runs/x")
+    assert "fake srun output" in log and message in log and "(restart 0)" in log
 
 
-def test_unedited_placeholders_stop_with_a_message(fake_slurm):
+@pytest.mark.parametrize("setting,expected", [(None, ["--mpi=pmi2"]), ("--mpi=pmix", ["--mpi=pmix"]), ("", [])])
+def test_srun_mpi_flag_is_settable(fake_slurm, setting, expected):
     tmp_path, env = fake_slurm
-    env = {k: v for k, v in env.items() if k not in ("MODULES", "VENV")}
+    if setting is not None:
+        env = {**env, "ZOHPC_SRUN_MPI": setting}
+    p = run_template("train.sbatch", {**env, "FAKE_MODE": "ok"})
+    assert p.returncode == 0, p.stderr
+    assert recorded_command(tmp_path, "train")[0] == [*expected, "--wait=60"]
+
+
+def test_environment_setup(fake_slurm):
+    tmp_path, env = fake_slurm
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text('export ACTIVATED=yes\n')
+    (tmp_path / "bin" / "module").write_text('#!/bin/bash\necho "module $*" >> "$FAKE_DIR/module.log"\n')
+    (tmp_path / "bin" / "module").chmod(0o755)
+    (tmp_path / "bin" / "srun").write_text('#!/bin/bash\necho "$ACTIVATED $ZOHPC_THREADS $OMP_NUM_THREADS" '
+                                           '> "$FAKE_DIR/srun.env"\n')
+    p = run_template("train.sbatch", {**env, "VENV": str(venv), "MODULES": "gcc/12 openmpi/4"})
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "srun.env").read_text().split() == ["yes", "3", "3"]
+    assert (tmp_path / "module.log").read_text().split() == ["module", "load", "gcc/12", "openmpi/4"]
+
+
+@pytest.mark.parametrize("case", ["no activate", "python without zohpc"])
+def test_unusable_environment_stops_with_a_message(fake_slurm, case):
+    tmp_path, env = fake_slurm
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    if case == "python without zohpc":
+        (venv / "bin" / "python").write_text(BROKEN_PYTHON)
+        (venv / "bin" / "python").chmod(0o755)
+        (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
     for name in TEMPLATES:
-        p = subprocess.run(["bash", str(JOBS / name)], env={**env, "FAKE_MODE": "ok", "SLURM_ARRAY_TASK_ID": "1"},
-                           capture_output=True, text=True, timeout=30)
-        assert p.returncode == 2 and "placeholders" in p.stderr, (name, p.stderr)
+        p = run_template(name, {**env, "FAKE_MODE": "ok", "VENV": str(venv), "SLURM_ARRAY_TASK_ID": "1",
+                                "SLURM_ARRAY_JOB_ID": "77", "SWEEP_FILE": str(JOBS / "sweep.txt")})
+        assert p.returncode == 2, (name, p.stderr)
+        log = next((tmp_path / "submit").rglob(f"{name.split('.')[0]}-4242.out")).read_text()
+        assert ("no " + str(venv) + "/bin/activate" if case == "no activate" else "cannot import zohpc") in log, log
         assert not (tmp_path / "srun.args").exists()
 
 
@@ -207,28 +259,35 @@ def test_sweep_task_runs_its_line(fake_slurm):
     lines = sweep_lines(JOBS / "sweep.txt")
     task = len(lines)  # the last run
     env = {**env, "FAKE_MODE": "ok", "SWEEP_FILE": str(JOBS / "sweep.txt"), "SLURM_ARRAY_TASK_ID": str(task),
-           "SLURM_ARRAY_JOB_ID": "77"}
-    p = subprocess.run(["bash", str(JOBS / "sweep.sbatch")], env=env, capture_output=True, text=True, timeout=30)
+           "SLURM_ARRAY_JOB_ID": "77", "EXTRA_SETS": "train.epochs=2"}
+    p = run_template("sweep.sbatch", env)
     assert p.returncode == 0, p.stderr
     args = parse_with("train", recorded_command(tmp_path, "train")[1])
-    assert args.overrides == lines[task - 1].split()
+    assert args.overrides == ["train.epochs=2", *lines[task - 1].split()]
     assert args.out == f"runs/sweep-77/task-{task}" and args.resume == "auto"
-    assert (tmp_path / "submit" / args.out / "sweep-line.txt").read_text().split() == lines[task - 1].split()
-    p = subprocess.run(["bash", str(JOBS / "sweep.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": str(task + 1)},
-                       capture_output=True, text=True, timeout=30)
+    out = tmp_path / "submit" / args.out
+    assert (out / "logs" / "sweep-line.txt").read_text().split() == lines[task - 1].split()
+    assert "done (exit 0)" in (out / "logs" / "sweep-4242.out").read_text()
+    p = run_template("sweep.sbatch", {**env, "SLURM_ARRAY_TASK_ID": str(task + 1)})
     assert p.returncode == 2 and f"no line {task + 1}" in p.stderr
+    p = run_template("sweep.sbatch", {k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"})
+    assert p.returncode == 2 and "submit as a job array" in p.stderr
 
 
 def test_prune_template_command(fake_slurm):
     tmp_path, env = fake_slurm
-    p = subprocess.run(["bash", str(JOBS / "prune.sbatch")], env={**env, "FAKE_MODE": "ok"},
-                       capture_output=True, text=True, timeout=30)
+    env = {**env, "FAKE_MODE": "ok", "SLURM_JOB_NAME": "zohpc-prune"}
+    p = run_template("prune.sbatch", env)
     assert p.returncode == 0, p.stderr
-    _, argv = recorded_command(tmp_path, "prune")
-    assert set(o for o in argv if o.startswith("--")) <= allowed_options("prune")
-    pairs = dict(zip(argv[::2], argv[1::2]))
-    assert pairs["--method"] == "zo_grasp" and pairs["--sparsity"] == "0.9" and pairs["--out"].endswith(".h5")
-    assert "--seed" not in pairs  # SEED unset: the config's train.seed
-    if parser_options("prune") is not None:
-        args = parse_with("prune", argv)
-        assert args.method == "zo_grasp" and args.sparsity == 0.9
+    args = parse_with("prune", recorded_command(tmp_path, "prune")[1])
+    # unset METHOD/SPARSITY/SEED: the config's prune.method, prune.sparsity and train.seed
+    assert args.method is None and args.sparsity is None and args.seed is None and args.config is None
+    assert args.out == "runs/zohpc-prune-4242/masks.h5"
+    assert "done (exit 0)" in log_of(tmp_path, "runs/zohpc-prune-4242", "prune")
+    p = run_template("prune.sbatch", {**env, "METHOD": "random", "SPARSITY": "0.9", "SEED": "7",
+                                      "MASKS": "masks/m.h5", "EXTRA_SETS": "prune.queries=16"})
+    assert p.returncode == 0, p.stderr
+    args = parse_with("prune", recorded_command(tmp_path, "prune")[1])
+    assert (args.method, args.sparsity, args.seed, args.out) == ("random", 0.9, 7, "masks/m.h5")
+    assert args.overrides == ["prune.queries=16"]
+    assert (tmp_path / "submit" / "masks" / "logs" / "prune-4242.out").exists()

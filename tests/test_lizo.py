@@ -112,6 +112,46 @@ def test_analytic_gram_equals_recomputed(orthogonal):
     assert ref.counters()["reused"] == c["reused"]
 
 
+def test_reuse_bound_zero_means_no_reuse_and_none_or_negative_means_twice_lr():
+    d = 10
+    runs = {}
+    for bound in (0.0, None, -1.0, 0.5):
+        x = make_param(d, 5, 0.1)
+        opt = LIZO([{"params": [x], "lr": 0.01}], lr=0.02, num_sample_per_step=4, reuse_distance_bound=bound,
+                   sample_norm=1e-3, seed=2)
+        for _ in range(8):
+            opt.step(lambda: bumpy(x))
+        runs[bound] = (opt.distance_bound(), opt.counters())
+    assert runs[0.0][0] == 0.0 and runs[0.0][1]["reused"] == 0 and runs[0.0][1]["fresh"] == 8 * 4
+    assert runs[None][0] == runs[-1.0][0] == 2 * 0.01  # the largest group lr
+    assert runs[None][1] == runs[-1.0][1] and runs[None][1]["reused"] > 0
+    assert runs[0.5][0] == 0.5 and runs[0.5][1]["reused"] > 0
+
+
+def test_default_sample_norm_is_the_reference_offset_length():
+    x = make_param(50, 1)
+    assert LIZO([x], lr=0.1).sample_norm == pytest.approx(1e-5 * 50 ** 0.5, rel=1e-15)
+    assert LIZO([x], lr=0.1, sample_norm=0.02).sample_norm == 0.02
+
+
+def test_rows_of_very_different_lengths_are_not_ill_conditioned():
+    """A reused row 1e5 times longer than the fresh ones is a well-posed system (angles matter,
+    not lengths): no fallback, and the estimate is still exact on a linear function."""
+    d = 12
+    a = torch.randn(d, dtype=D64, generator=torch.Generator().manual_seed(9))
+    x = make_param(d, 7)
+    opt = LIZO([x], lr=0.01, num_sample_per_step=4, max_reuse_rate=0.25, sample_norm=1e-7,
+               reuse_distance_bound=1.0, seed=4)
+    for _ in range(6):
+        opt.step(lambda: a @ x)
+        lengths = opt.last_offsets.norm(dim=1)
+        q, _ = torch.linalg.qr(opt.last_offsets.T)
+        assert torch.allclose(opt.last_grad, q @ (q.T @ a), rtol=0, atol=1e-6 * a.norm().item())
+    assert lengths.max() / lengths.min() > 1e4
+    c = opt.counters()
+    assert c["reused"] == 5 and c["fallbacks"] == 0 and c["pinv_solves"] == 0
+
+
 def test_external_parameter_change_reanchors_history():
     d = 10
     x = make_param(d, 5)
@@ -258,30 +298,66 @@ def test_size_one_comm_matches_no_comm():
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
     from zohpc.comm import world
+    from zohpc.data import load_digits_raw, normalize
+    from zohpc.models import build_model
     from zohpc.optim import LIZO
 
+    MODES = {  # name: (LIZO options, steps)
+        "plain": (dict(lr=0.05, reuse_distance_bound=1.0), 10),
+        # a high gram_rcond calls every system with reused rows ill-conditioned: fallback re-queries
+        "fallback_ls": (dict(lr=0.5, reuse_distance_bound=1.0, gram_rcond=1e-2, line_search=True,
+                             ls_max_backtracks=5, weight_decay=1e-3), 8),
+    }
 
-    def run(comm):
+
+    class Contrarian(LIZO):
+        \"\"\"A worker whose own arithmetic decides everything the other way: it must not matter.\"\"\"
+
+        def _choose_reuse(self, st, bound, r_max):
+            return super()._choose_reuse(st, bound, r_max)[:0]
+
+        def _solve(self, gram, rhs, dim):
+            return None, False
+
+        def _accept(self, big_f, big_f0, tau, slope):
+            return True
+
+
+    def problem():
+        splits = normalize(load_digits_raw())
+        x, y = splits.train_x[:96], splits.train_y[:96]
+        torch.manual_seed(0)
+        model = build_model("digits_cnn", splits.input_shape, 10)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.0  # batch statistics in every query, running statistics untouched
+        model.train()
+        return model, x, y
+
+
+    def run(comm, contrarian=False):
         out = {}
-        for mode in ("plain", "ls"):
-            x = torch.nn.Parameter(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-            y = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
-            f = lambda: ((torch.cat([x, y]) - 0.5) ** 2).sum() + 0.2 * torch.sin(4 * x).sum()
-            opt = LIZO([{"params": [x]}, {"params": [y], "lr": 0.01}], lr=0.02, num_sample_per_step=7,
-                       sample_norm=1e-3, line_search=(mode == "ls"), comm=comm, seed=5)
-            for _ in range(25):
-                opt.step(f)
-            out[mode] = {"x": x.detach().clone(), "y": y.detach().clone(), "c": opt.counters()}
+        for mode, (opts, steps) in MODES.items():
+            model, x, y = problem()
+            cls = Contrarian if contrarian and comm is not None and comm.rank > 0 else LIZO
+            opt = cls(model.parameters(), num_sample_per_step=6, sample_norm=5e-3, comm=comm, seed=3, **opts)
+            closure = lambda: torch.nn.functional.cross_entropy(model(x), y)
+            losses = [opt.step(closure) for _ in range(steps)]
+            out[mode] = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses,
+                         "c": opt.counters()}
         return out
 
 
     if __name__ == "__main__":
-        torch.set_num_threads(1)
         comm = world()
-        result = run(comm)
+        comm.set_threads()  # ZOHPC_THREADS: ranks may run different thread counts
+        result = run(comm, contrarian=sys.argv[2] == "contrarian")
+        result["threads"] = torch.get_num_threads()
+        threads = comm.gather_floats([float(torch.get_num_threads())])
         if comm.rank == 0:
+            result["threads"] = threads[:, 0].tolist()
             torch.save(result, sys.argv[1])
     """
 )
@@ -294,36 +370,51 @@ def _mpiexec():
     return path
 
 
-def test_ranks_follow_the_single_process_trajectory(tmp_path):
+def test_ranks_with_different_threads_and_contrary_arithmetic_follow_one_rank(tmp_path):
+    """Digits CNN under 2 ranks with 1 and 2 threads (MPMD), and under 3 ranks whose workers
+    take every local decision the other way: both finish and match the single process bit for bit."""
     script = tmp_path / "run_lizo.py"
     script.write_text(SCRIPT)
     namespace = {"__name__": "lizo_script"}
     exec(compile(SCRIPT, str(script), "exec"), namespace)
-    base = namespace["run"](world())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = {k: subprocess.Popen([_mpiexec(), "-n", str(k), sys.executable, str(script), str(tmp_path / f"k{k}.pt")],
-                                 env=env) for k in (2, 3)}  # both at once: start-up dominates
-    for k, proc in procs.items():
-        try:
-            assert proc.wait(timeout=120) == 0, f"mpiexec -n {k} failed"
-        finally:
+    base = namespace["run"](None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ZOHPC_THREADS="1")
+    py = [sys.executable, str(script)]
+    cmds = {
+        "threads_1_2": [_mpiexec(), "-n", "1", "-env", "ZOHPC_THREADS", "1", *py, str(tmp_path / "a.pt"), "plain",
+                        ":", "-n", "1", "-env", "ZOHPC_THREADS", "2", "-env", "OMP_NUM_THREADS", "2", *py,
+                        str(tmp_path / "a.pt"), "plain"],
+        "contrarian_3": [_mpiexec(), "-n", "3", *py, str(tmp_path / "b.pt"), "contrarian"],
+    }
+    procs = {k: subprocess.Popen(cmd, env=env) for k, cmd in cmds.items()}  # both at once: start-up dominates
+    try:
+        for k, proc in procs.items():
+            assert proc.wait(timeout=180) == 0, f"{k} failed"
+    finally:
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    for k in (2, 3):
-        result = torch.load(tmp_path / f"k{k}.pt")
-        for mode in ("plain", "ls"):
+    results = {"threads_1_2": torch.load(tmp_path / "a.pt"), "contrarian_3": torch.load(tmp_path / "b.pt")}
+    assert results["threads_1_2"]["threads"] == [1.0, 2.0]
+    for name, result in results.items():
+        for mode in ("plain", "fallback_ls"):
             got, ref = result[mode], base[mode]
-            assert torch.equal(got["x"], ref["x"]) and torch.equal(got["y"], ref["y"])
+            assert got["losses"] == ref["losses"], (name, mode)
+            for p, q in zip(got["params"], ref["params"]):
+                assert torch.equal(p, q), (name, mode)
             c_ref, c_got = dict(ref["c"]), dict(got["c"])
-            if mode == "ls":  # trials are evaluated k at a time: only the query counts may differ
+            if mode == "fallback_ls":  # trials are evaluated `size` at a time: only the query counts differ
                 for key in ("queries", "line_search_queries"):
                     c_ref.pop(key), c_got.pop(key)
-            assert c_got == c_ref
-    assert base["plain"]["c"]["reused"] > 0 and base["ls"]["c"]["line_search_queries"] > 0
+            assert c_got == c_ref, (name, mode)
+    c_plain, c_ls = base["plain"]["c"], base["fallback_ls"]["c"]
+    assert c_plain["reused"] > 0 and c_plain["fallbacks"] == 0
+    assert c_ls["fallbacks"] > 0 and c_ls["line_search_queries"] > 0
+    assert base["plain"]["losses"][-1] < base["plain"]["losses"][0]
 
 
 def test_orthogonal_directions_are_orthonormal_and_blocks_are_contiguous():
-    from zohpc.optim._queries import block_counts
+    from zohpc.sharding import contiguous_split
 
     x = make_param(12, 8)
     opt = LIZO([x], lr=0.01, num_sample_per_step=5, orthogonal_sample=True, sample_norm=0.02)
@@ -331,6 +422,6 @@ def test_orthogonal_directions_are_orthonormal_and_blocks_are_contiguous():
     assert torch.allclose(rows @ rows.T, 0.02 ** 2 * torch.eye(5, dtype=D64), rtol=0, atol=1e-15)
     plain = LIZO([x], lr=0.01, sample_norm=0.02).sample_directions(4, 12)
     assert torch.allclose(plain.norm(dim=1), torch.full((4,), 0.02, dtype=D64), rtol=1e-14)
-    assert block_counts(7, 3) == [3, 2, 2] and block_counts(2, 3) == [1, 1, 0]
+    assert contiguous_split(7, 3) == [0, 2, 4, 7] and contiguous_split(2, 3) == [0, 0, 1, 2]
     with pytest.raises(ValueError):
         LIZO([x], lr=0.01, max_reuse_rate=1.5)

@@ -123,6 +123,24 @@ def test_zo_grasp_estimates_track_autograd(digits):
     assert np.corrcoef(s_auto.numpy(), s_zo.numpy())[0, 1] > 0.5
 
 
+def test_zo_grasp_passes_the_stop_check_between_stacked_passes(digits):
+    from zohpc.stop import StepAbandoned
+
+    m = _model()
+    before = copy.deepcopy(m.state_dict())
+    x, y = select_prune_batch(digits.train_x, digits.train_y, digits.num_classes, 2, 0)
+    calls = []
+    zo_grasp_hg(m, x, y, queries=12, mu=5e-3, seed=0, query_batch=4, check=lambda: calls.append(1))
+    assert len(calls) == 6  # two phases of 12 directions in passes of 4
+
+    def stop():
+        raise StepAbandoned()
+
+    with pytest.raises(StepAbandoned):
+        zo_grasp_hg(m, x, y, queries=12, mu=5e-3, seed=0, query_batch=4, check=stop)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def _mpiexec():
     here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     return here if os.path.exists(here) else (shutil.which("mpiexec") or "mpiexec")
@@ -136,7 +154,7 @@ def _run(k, args, timeout=180):
 
 def test_cli_two_ranks_equal_one_rank(tmp_path):
     common = ["--method", "zo_grasp", "--sparsity", "0.9", "--set", "model.name=digits_cnn",
-              "--set", "prune.queries=16", "--seed", "5"]
+              "--set", "prune.queries=16", "--set", "zo.query_batch=4", "--seed", "5"]  # 4 stacked passes, 2 per rank
     one = _run(1, [*common, "--out", str(tmp_path / "one.h5")])
     assert one.returncode == 0, one.stderr
     two = _run(2, [*common, "--out", str(tmp_path / "two.h5")])

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from zohpc.comm import world
-from zohpc.optim import RGE, ZOSGD, ZOSignSGD, estimate_grad_rge, rge_directions
+from zohpc.optim import RGE, ZOSGD, ZOSignSGD, estimate_grad_rge
+from zohpc.zo.rge import directions
 
 torch.set_num_threads(1)
 D64 = torch.float64
@@ -36,12 +37,10 @@ def cos(u, v):
 def test_rge_with_many_directions_points_along_the_gradient():
     d = 20
     x, f, true_grad = quadratic(d)
-    gen = torch.Generator().manual_seed(1)
-    estimate_grad_rge(f, [x], q=2000, mu=1e-5, generator=gen)
+    estimate_grad_rge(f, [x], q=2000, mu=1e-5, seed=1)
     assert cos(x.grad, true_grad()) > 0.97
     assert 0.8 < float(x.grad.norm() / true_grad().norm()) < 1.3  # scale="dim": unbiased length
-    gen = torch.Generator().manual_seed(1)
-    estimate_grad_rge(f, [x], q=2000, mu=1e-5, generator=gen, scale="none")
+    estimate_grad_rge(f, [x], q=2000, mu=1e-5, seed=1, scale="none")
     assert 0.8 / d < float(x.grad.norm() / true_grad().norm()) < 1.3 / d
 
 
@@ -49,11 +48,24 @@ def test_rge_central_difference_is_exact_on_a_quadratic():
     d, q, mu = 8, 5, 1e-2
     x, f, true_grad = quadratic(d, 3)
     x0 = x.detach().clone()
-    loss = estimate_grad_rge(f, [x], q=q, mu=mu, generator=torch.Generator().manual_seed(2), difference="central")
-    u = rge_directions(q, d, torch.Generator().manual_seed(2))
+    loss = estimate_grad_rge(f, [x], q=q, mu=mu, seed=2, step=3, difference="central")
+    u = directions(d, (2, 3), 0, q)
     ref = (d / q) * u.T @ (u @ true_grad())
     assert torch.allclose(x.grad, ref, rtol=1e-9, atol=1e-9)
     assert torch.equal(x.detach(), x0) and loss == pytest.approx(float(f().detach()))
+
+
+def test_each_step_draws_new_directions_named_by_seed_and_step():
+    x, f, _ = quadratic(6, 8)
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=0)
+    g0 = x.grad.clone()
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=1)
+    assert not torch.allclose(g0, x.grad)
+    estimate_grad_rge(f, [x], q=3, mu=1e-4, seed=1, step=0)
+    assert torch.equal(g0, x.grad)
+    est = RGE([x], q=3, mu=1e-4, seed=1)
+    est.estimate(f)
+    assert torch.equal(g0, x.grad) and est.state_dict()["steps"] == 1
 
 
 def test_sign_sgd_moves_by_lr_times_sign_of_the_estimate():
@@ -62,7 +74,7 @@ def test_sign_sgd_moves_by_lr_times_sign_of_the_estimate():
     opt = ZOSignSGD([x], lr=0.01, q=6, mu=1e-4, seed=9)
     opt.step(f)
     y, fy, _ = quadratic(12, 4)
-    estimate_grad_rge(fy, [y], q=6, mu=1e-4, generator=torch.Generator().manual_seed(9))
+    estimate_grad_rge(fy, [y], q=6, mu=1e-4, seed=9, step=0)
     assert torch.equal(x.detach() - x0, (x0 - 0.01 * torch.sign(y.grad)) - x0)
     assert torch.allclose((x.detach() - x0).abs(), torch.full_like(x0, 0.01), rtol=0, atol=1e-15)
 
@@ -73,7 +85,7 @@ def test_zosgd_step_is_sgd_on_the_estimate():
     opt = ZOSGD([x], lr=0.05, q=4, mu=1e-4, seed=3)
     opt.step(f)
     y, fy, _ = quadratic(10, 5)
-    estimate_grad_rge(fy, [y], q=4, mu=1e-4, generator=torch.Generator().manual_seed(3))
+    estimate_grad_rge(fy, [y], q=4, mu=1e-4, seed=3, step=0)
     assert torch.allclose(x.detach(), x0 - 0.05 * y.grad, rtol=0, atol=1e-15)
     assert opt.num_queries == 5
 

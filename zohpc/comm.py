@@ -14,6 +14,7 @@ import traceback
 import torch
 
 from .errors import EXIT_USER_ERROR, UserError
+from .launch import check_launch
 
 # mpi4py initializes MPI on import; with no mpiexec it starts as a singleton of size 1.
 from mpi4py import MPI  # noqa: E402
@@ -110,6 +111,31 @@ class Comm:
         self.mpi.Allgatherv(host.numpy(), [out.numpy(), counts, displs, None])
         return out.to(local.device)
 
+    def allgatherv_or_abandon(self, work, counts: list[int]) -> torch.Tensor:
+        """``allgatherv`` of the float64 values ``work()`` returns on each rank (rank r:
+        ``counts[r]`` values), where ``work`` may raise StepAbandoned (a stop request).
+
+        One flag per rank travels with the values: if any rank abandoned, every rank raises
+        StepAbandoned after the collective, so all ranks leave at the same point and the
+        next collective matches.
+        """
+        from .stop import StepAbandoned
+
+        try:
+            local = work().to(torch.float64).reshape(-1)
+            flag = 0.0
+        except StepAbandoned:
+            local = torch.full((counts[self.rank],), float("nan"), dtype=torch.float64)
+            flag = 1.0
+        buf = torch.cat([local.cpu(), torch.tensor([flag], dtype=torch.float64)]).contiguous()
+        every = self.allgatherv(buf, [c + 1 for c in counts])
+        ends = torch.tensor(counts, dtype=torch.int64).add(1).cumsum(0)
+        if bool((every[ends - 1] > 0).any()):
+            raise StepAbandoned()
+        keep = torch.ones(every.shape[0], dtype=torch.bool)
+        keep[ends - 1] = False
+        return every[keep]
+
     def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return tensor
@@ -138,7 +164,7 @@ class Comm:
         data = "\n".join(names).encode() if self.rank == root else b""
         length = torch.tensor([len(data)], dtype=torch.int64)
         self.bcast_(length, root)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if self.rank == root \
+        buf = torch.tensor(list(data), dtype=torch.uint8) if self.rank == root \
             else torch.empty(int(length[0]), dtype=torch.uint8)
         if buf.numel():
             self.bcast_(buf, root)
@@ -248,6 +274,7 @@ def run_guarded(fn, prog: str = "zohpc"):
     """
     comm = world()
     try:
+        comm.agree(check_launch, comm.size)  # before the entry point touches any file
         return fn(comm)
     except SystemExit:
         raise

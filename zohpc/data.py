@@ -6,7 +6,7 @@ integer pixels first and normalize once at the end, which is also what lets the 
 converter store compact ``uint8`` pixels plus the normalization to apply.
 
 Randomness that decides *which* examples a step sees (batch order, augmentation) comes
-from generators seeded by :func:`derive_seed` of ``(seed, epoch[, step])``, so any rank
+from :mod:`zohpc.seeding` generators named by a tag and ``(seed, epoch[, step])``, so any rank
 and any resumed run reproduces it without communication.
 
 Untrusted input is refused with one-line :class:`DataError` messages naming the file.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import pickle
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, DataError
+from .seeding import derive_seed, generator  # noqa: F401 - derive_seed re-exported (data.derive_seed)
 
 FORMAT_NAME = "zohpc-data"
 FORMAT_VERSION = 1
@@ -98,24 +98,6 @@ class RawData:
     source: str = field(default="")
 
 
-# ---------------------------------------------------------------------------- seeds
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from a tag and integers, e.g. ``derive_seed("batches", seed, epoch)``.
-
-    SHA-256 of the decimal parts joined by ':' (first 8 bytes, top bit cleared): stable
-    across platforms and Python versions, and (seed, epoch) pairs never collide the way
-    ``seed * K + epoch`` would.
-    """
-    text = ":".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") & ((1 << 63) - 1)
-
-
-def _generator(*parts) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(derive_seed(*parts))
-    return gen
-
-
 # ---------------------------------------------------------------------------- batching
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of one epoch: a permutation from ``derive_seed("batches", seed, epoch)``.
@@ -130,7 +112,7 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
         raise ValueError(f"epoch_batches: num_examples must be >= 1, got {num_examples}")
     if batch_size < 1:
         raise ValueError(f"epoch_batches: batch_size must be >= 1, got {batch_size}")
-    perm = torch.randperm(num_examples, generator=_generator("batches", seed, epoch), dtype=torch.int64)
+    perm = torch.randperm(num_examples, generator=generator("batches", seed, epoch), dtype=torch.int64)
     if num_examples < batch_size:
         return [perm]
     full = (num_examples // batch_size) * batch_size
@@ -167,7 +149,7 @@ def augment_batch(x: torch.Tensor, seed: int, epoch: int, step: int, padding: in
     b, c, h, w = x.shape
     if b == 0:
         return x.clone()
-    gen = _generator("augment", seed, epoch, step)
+    gen = generator("augment", seed, epoch, step)
     span = 2 * padding + 1
     dy = torch.randint(0, span, (b,), generator=gen)
     dx = torch.randint(0, span, (b,), generator=gen)
@@ -191,7 +173,7 @@ def class_balanced_indices(labels: torch.Tensor, per_class: int, seed: int, num_
     labels = labels.cpu()
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 0
-    perm = torch.randperm(labels.numel(), generator=_generator("class-sample", seed))
+    perm = torch.randperm(labels.numel(), generator=generator("class-sample", seed))
     shuffled = labels[perm]
     picked = []
     for cls in range(num_classes):
@@ -535,11 +517,11 @@ def load_synthetic_raw(shape, classes: int, size: int) -> RawData:
         raise DataError(f"config key 'data.synthetic_classes': need >= 2, got {classes}")
     if size < 1:
         raise DataError(f"config key 'data.synthetic_size': need >= 1, got {size}")
-    gen = _generator("synthetic", SYNTHETIC_SEED, *shape, classes)
+    gen = generator("synthetic", SYNTHETIC_SEED, *shape, classes)
     means = torch.randn((classes, *shape), generator=gen)
 
     def draw(n: int, tag: str):
-        g = _generator("synthetic", SYNTHETIC_SEED, *shape, classes, tag, n)
+        g = generator(f"synthetic-{tag}", SYNTHETIC_SEED, *shape, classes, n)
         y = torch.arange(n) % classes  # balanced, then shuffled
         y = y[torch.randperm(n, generator=g)]
         x = (means[y] + 1.5 * torch.randn((n, *shape), generator=g)) / (1.0 + 1.5 ** 2) ** 0.5  # unit variance

@@ -19,7 +19,6 @@ whose attributes hold free-form scalars/strings.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import CheckpointError
+from .seeding import generator
 
 FORMAT_NAME = "zohpc-masks"
 FORMAT_VERSION = 1
@@ -98,16 +98,6 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float):
 
 
 # ---------------------------------------------------------------------------- layer-wise random
-def mask_seed(seed: int, draw: int) -> int:
-    """Generator seed of a layer-wise random mask: a hash of (seed, draw), in [0, 2**63).
-
-    ``int.from_bytes(sha256(f"zohpc-layerwise-mask:{seed}:{draw}").digest()[:8], "little") & (2**63 - 1)``
-    so that nearby (seed, draw) pairs give unrelated streams.
-    """
-    digest = hashlib.sha256(f"zohpc-layerwise-mask:{int(seed)}:{int(draw)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def mask_draw(epoch: int, mask_interval: int) -> int:
     """DeepZero's protocol: a fresh mask every ``mask_interval`` epochs (0 = fixed mask, draw 0)."""
     if mask_interval < 0:
@@ -118,7 +108,7 @@ def mask_draw(epoch: int, mask_interval: int) -> int:
 def layerwise_random_masks(model_or_shapes, ratios: dict[str, float], seed: int, draw: int) -> dict[str, torch.Tensor]:
     """Each layer gets exactly ``round(ratio * numel)`` inactive entries, uniformly at random.
 
-    One CPU ``torch.Generator`` seeded with :func:`mask_seed(seed, draw) <mask_seed>` serves
+    One CPU generator, ``zohpc.seeding.generator("layerwise-mask", seed, draw)``, serves
     the layers in model order (``maskable_names`` order, or the given dict's order): layer
     ``l`` deactivates the first ``k_l`` entries of ``torch.randperm(numel_l, generator=gen)``.
     Same (seed, draw) -> the same masks on every rank and every resume.
@@ -127,7 +117,7 @@ def layerwise_random_masks(model_or_shapes, ratios: dict[str, float], seed: int,
     missing = [n for n in shapes if n not in ratios]
     if missing:
         raise ValueError(f"no sparsity ratio for layer(s) {', '.join(missing)}")
-    gen = torch.Generator().manual_seed(mask_seed(seed, draw))
+    gen = generator("layerwise-mask", seed, draw)
     masks = {}
     for name, shape in shapes.items():
         ratio = float(ratios[name])
@@ -287,6 +277,6 @@ def read_mask_file(path: str, model: nn.Module | None = None, model_name: str | 
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "MaskFile", "check_mask_file", "global_sparsity", "layer_ratios",
-    "layerwise_random_masks", "mask_draw", "mask_seed", "maskable_names", "maskable_shapes",
+    "layerwise_random_masks", "mask_draw", "maskable_names", "maskable_shapes",
     "masks_from_scores", "read_mask_file", "write_mask_file",
 ]

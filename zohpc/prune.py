@@ -10,19 +10,15 @@ reduces the gradient flow ``g^T g`` least (or increases it). Equivalently it kee
 lowest ``S``, so the importance handed to :func:`zohpc.masks.masks_from_scores` (higher =
 keep) is ``-S = theta * Hg``.
 
-ZO-GraSP (DeepZero) estimates ``g`` and ``Hg`` from loss values with RGE:
+ZO-GraSP (DeepZero) estimates ``g`` and ``Hg`` from loss values with RGE
+(:mod:`zohpc.zo.rge`, the one RGE core: its scaling convention, unit directions over ALL ``d``
+parameters, biases and BatchNorm too, and the ``d / q`` factor that makes the estimate
+unbiased, so ZO and autograd scores are on the same scale):
 ``g0 = RGE(theta)``, ``g1 = RGE(theta + mu * g0)``, ``Hg ~ (g1 - g0) / mu``.
-RGE here: ``q`` directions ``u_j = z_j / ||z_j||`` with ``z_j ~ N(0, I_d)`` over ALL ``d``
-parameters (biases and BatchNorm too), and
-
-    RGE(x) = (d / q) * sum_j (f(x + mu u_j) - f(x)) / mu * u_j,
-
-the ``d / q`` factor making it an (as mu -> 0) unbiased gradient estimate, since
-``E[u u^T] = I / d``; so ZO and autograd scores are on the same scale. The SAME directions
-serve ``g0`` and ``g1`` (common random numbers): ``g1 - g0`` then only carries the change of
-the directional derivatives, not the sampling noise of two independent direction sets, and
-the mu^2 curvature bias of the forward difference cancels to first order.
-Cost: ``2 (q + 1)`` loss evaluations on the pruning batch.
+The SAME directions serve ``g0`` and ``g1`` (common random numbers): ``g1 - g0`` then only
+carries the change of the directional derivatives, not the sampling noise of two
+independent direction sets, and the mu^2 curvature bias of the forward difference cancels
+to first order. Cost: ``2 (q + 1)`` loss evaluations on the pruning batch.
 
 Our ``grasp`` is the first-order reference of exactly that quantity: ``g`` and ``Hg`` over
 all parameters by autograd, plain cross entropy (the original GraSP code differentiates
@@ -30,22 +26,24 @@ the weights only and divides the logits by a temperature of 200; with loss value
 would push the differences below float32 resolution).
 
 Pruning batch: ``prune.samples_per_class`` training examples of each class, chosen by a
-seeded permutation (GraSP's reference code uses 25 per class). Losses use BatchNorm in
-training mode (batch statistics) on a private copy of the model with running statistics
-switched off, so the caller's model (parameters and buffers) is never modified.
+seeded permutation (GraSP's reference code uses 25 per class). Losses: per-example cross
+entropy averaged in float64 (keeps the rounding noise of the loss below the tiny second
+differences ZO-GraSP takes), BatchNorm with batch statistics
+(:func:`~zohpc.zo.batchnorm.batch_stats_only`); queries are functional, so the caller's
+model (parameters and buffers) is never modified.
 
-Distribution: every rank draws direction ``j`` from its own generator seeded by
-:func:`direction_seed(seed, j) <direction_seed>`; rank ``r`` evaluates a contiguous block of
-the ``q`` perturbed losses (rank 0 also the unperturbed one) and ``Comm.allgatherv``
-collects the loss values only. Every rank then forms the same estimate; the driver's final
-masks are broadcast so all ranks return identical masks.
+Speed and distribution: the perturbed losses are full forwards of the pruning batch,
+stacked by :class:`~zohpc.zo.stacked.StackedForward`; directions are regenerated from
+``zohpc.seeding`` (tag ``"zo-grasp-direction"``, parts ``(seed, j)``), never held ``q x d``.
+Each rank evaluates a contiguous block of the ``q`` directions and one ``allgatherv`` of
+float64 loss values per phase joins them (:func:`zohpc.zo.rge.sharded_losses`); every rank
+then forms the same estimate, and the driver's masks are broadcast. The stop ``check`` runs
+between stacked passes.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import os
 import sys
 
@@ -55,8 +53,14 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .masks import layer_ratios, maskable_names, masks_from_scores, write_mask_file
+from .seeding import generator
+from .stop import no_check
+from .zo.batchnorm import batch_stats_only
+from .zo.rge import rge_coefficients, rge_combine, sharded_losses
+from .zo.stacked import StackedForward
 
 METHODS = ("zo_grasp", "grasp", "random", "magnitude")
+DIRECTION_TAG = "zo-grasp-direction"  # zohpc.seeding stream of ZO-GraSP's directions, parts (seed, j)
 
 
 # ---------------------------------------------------------------------------- data
@@ -66,89 +70,29 @@ def select_prune_batch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes
     (:func:`zohpc.data.class_balanced_indices`), grouped by class.
 
     A class with fewer examples contributes all it has; no examples at all is a DataError.
+    Targets that are not class labels (``num_classes`` 0: regression, images, ...) give
+    ``10 * samples_per_class`` examples drawn by a seeded permutation.
     """
     from .data import class_balanced_indices
+    from .seeding import generator
 
+    if int(num_classes) <= 0:
+        n = train_x.shape[0]
+        if n == 0:
+            raise DataError("training data has no examples to prune with")
+        idx = torch.randperm(n, generator=generator("prune-batch", seed))[:10 * int(samples_per_class)]
+        return train_x[idx.to(train_x.device)], train_y[idx.to(train_y.device)]
     idx = class_balanced_indices(train_y.reshape(-1), int(samples_per_class), int(seed), int(num_classes))
     if idx.numel() == 0:
         raise DataError("training data has no examples to prune with")
     return train_x[idx.to(train_x.device)], train_y.reshape(-1)[idx.to(train_y.device)]
 
 
-def _hash_seed(tag: str, *values) -> int:
-    text = ":".join([tag, *(str(int(v)) for v in values)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def direction_seed(seed: int, j: int) -> int:
-    """Seed of RGE direction ``j``: sha256 of ``"zohpc-rge-direction:{seed}:{j}"`` (63 bits)."""
-    return _hash_seed("zohpc-rge-direction", seed, j)
-
-
-def rge_direction(seed: int, j: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Unit direction ``j``: float64 ``z ~ N(0, I_d)`` from its own generator, ``z / ||z||``, then cast.
-
-    Drawn in float64 so float32 and float64 runs use the same directions.
-    """
-    gen = torch.Generator().manual_seed(direction_seed(seed, j))
-    z = torch.randn(d, generator=gen, dtype=torch.float64)
-    z /= torch.linalg.vector_norm(z)
-    return z.to(dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------------- losses
-class LossOracle:
-    """``f(flat_params)`` on a fixed batch, on a private copy of the model (BN batch stats, no updates).
-
-    The loss is the mean cross entropy, per-example losses summed in float64 (this keeps
-    rounding noise of the loss below the tiny second differences ZO-GraSP takes).
-    """
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        self.net = copy.deepcopy(model)
-        self.net.train()
-        for m in self.net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.track_running_stats = False  # batch statistics, running buffers untouched
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        p0 = next(self.net.parameters())
-        self.dtype, self.device = p0.dtype, p0.device
-        self.x = x.to(device=self.device, dtype=self.dtype)
-        self.y = y.to(device=self.device)
-        self.names = [n for n, _ in self.net.named_parameters()]
-        self.shapes = [p.shape for p in self.net.parameters()]
-        self.theta = torch.cat([p.detach().reshape(-1) for p in self.net.parameters()]).clone()
-        self.d = self.theta.numel()
-        self.evaluations = 0
-
-    def _set(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.net.parameters():
-            n = p.numel()
-            p.data = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    def loss_of_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, self.y, reduction="none").double().mean()
-
-    @torch.no_grad()
-    def __call__(self, flat: torch.Tensor) -> float:
-        self._set(flat)
-        self.evaluations += 1
-        return float(self.loss_of_logits(self.net(self.x)))
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = shape.numel()
-            out[name] = flat[offset:offset + n].reshape(shape)
-            offset += n
-        return out
-
-
-def _shard(q: int, size: int) -> list[int]:
-    return [q // size + (1 if r < q % size else 0) for r in range(size)]
+def cross_entropy64(outputs: torch.Tensor, targets: torch.Tensor, Q: int = 1) -> torch.Tensor:
+    """Mean cross entropy of each of ``Q`` stacked copies, per-example losses averaged in float64."""
+    ce = F.cross_entropy(outputs, targets.reshape(-1).repeat(Q), reduction="none")
+    return ce.double().view(Q, -1).mean(1)
 
 
 def _world(comm):
@@ -159,55 +103,40 @@ def _world(comm):
     return comm
 
 
-def rge_losses(oracle: LossOracle, base: torch.Tensor, queries: int, mu: float, seed: int, comm=None):
-    """``(f(base), [f(base + mu u_j)]_j)``, the q directions sharded over the ranks.
-
-    Rank r evaluates the contiguous block ``[sum(counts[:r]), sum(counts[:r+1]))``; rank 0
-    also the unperturbed loss. One ``allgatherv`` of float64 loss values gives all of them
-    to every rank.
-    """
-    comm = _world(comm)
-    counts = _shard(queries, comm.size)
-    start = sum(counts[:comm.rank])
-    local = []
-    if comm.rank == 0:
-        local.append(oracle(base))
-    for j in range(start, start + counts[comm.rank]):
-        u = rge_direction(seed, j, oracle.d, oracle.dtype, oracle.device)
-        local.append(oracle(base + mu * u))
-    counts[0] += 1
-    values = comm.allgatherv(torch.tensor(local, dtype=torch.float64), counts)
-    return float(values[0]), values[1:]
+def _flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _combine(oracle: LossOracle, coeffs: torch.Tensor, seed: int) -> torch.Tensor:
-    """``(d / q) * sum_j coeffs[j] * u_j`` (float64 accumulation), directions regenerated."""
-    q = coeffs.numel()
-    acc = torch.zeros(oracle.d, dtype=torch.float64, device=oracle.device)
-    for j in range(q):
-        acc += float(coeffs[j]) * rge_direction(seed, j, oracle.d, torch.float64, oracle.device)
-    return (acc * (oracle.d / q)).to(oracle.dtype)
+def _unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    named = list(model.named_parameters())
+    pieces = flat.split([p.numel() for _, p in named])
+    return {n: v.reshape(p.shape).to(p.dtype) for (n, p), v in zip(named, pieces)}
 
 
 def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int = 192, mu: float = 5e-3,
-                seed: int = 0, comm=None):
-    """ZO estimates ``(g0, Hg)`` over all parameters, as dicts name -> tensor (see the module docstring)."""
-    oracle = LossOracle(model, x, y)
-    theta = oracle.theta
-    f0, fp = rge_losses(oracle, theta, queries, mu, seed, comm)
-    d0 = (fp - f0) / mu  # directional differences at theta
-    g0 = _combine(oracle, d0, seed)
-    f1, fq = rge_losses(oracle, theta + mu * g0, queries, mu, seed, comm)
-    d1 = (fq - f1) / mu
-    hg = _combine(oracle, (d1 - d0) / mu, seed)  # (g1 - g0) / mu with the same directions
-    return oracle.unflatten(g0), oracle.unflatten(hg)
+                seed: int = 0, comm=None, *, objective=None, query_batch: int = 32, check=no_check):
+    """ZO estimates ``(g0, Hg)`` over all parameters, as dicts name -> tensor (see the module docstring).
+
+    ``objective``: ``(outputs, targets, Q) -> (Q,)`` (default :func:`cross_entropy64`).
+    """
+    fwd = StackedForward(model, cross_entropy64 if objective is None else objective, query_batch)
+    d, parts = fwd.dim, (int(seed),)
+    f0 = float(fwd.prepare(x, y))
+    d0 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f0) / mu
+    g0 = rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG)
+    f1 = float(fwd.prepare(x, y, center=_flat_params(model).double() + mu * g0))
+    d1 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f1) / mu
+    hg = rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG)  # (g1 - g0) / mu
+    return _unflatten(model, g0), _unflatten(model, hg)
 
 
 def grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """Autograd ``(g, Hg)`` over all parameters, on the same loss as :func:`zo_grasp_hg`."""
-    oracle = LossOracle(model, x, y)
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in oracle.net.named_parameters()}
-    loss = oracle.loss_of_logits(torch.func.functional_call(oracle.net, params, (oracle.x,)))
+    p0 = next(model.parameters())
+    x = x.to(device=p0.device, dtype=p0.dtype)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    with batch_stats_only(model):
+        loss = cross_entropy64(torch.func.functional_call(model, params, (x,)), y.to(p0.device))[0]
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
     z = sum((g.detach() * g).sum() for g in grads)
     hg = torch.autograd.grad(z, list(params.values()))
@@ -222,20 +151,21 @@ def grasp_scores(model: nn.Module, hg: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def importance_scores(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, prune_cfg, seed: int,
-                      comm=None) -> dict[str, torch.Tensor]:
+                      comm=None, *, query_batch: int = 32, check=no_check, objective=None) -> dict[str, torch.Tensor]:
     """Per-maskable-weight importance (higher = keep) for ``method``."""
     params = dict(model.named_parameters())
     names = maskable_names(model)
     if method in ("zo_grasp", "grasp"):
         if method == "zo_grasp":
-            _, hg = zo_grasp_hg(model, x, y, prune_cfg.queries, prune_cfg.mu, seed, comm)
+            _, hg = zo_grasp_hg(model, x, y, prune_cfg.queries, prune_cfg.mu, seed, comm,
+                                query_batch=query_batch, check=check, objective=objective)
         else:
             _, hg = grasp_hg(model, x, y)
         return {n: -s for n, s in grasp_scores(model, hg).items()}  # keep the lowest S
     if method == "magnitude":
         return {n: params[n].detach().abs() for n in names}
     if method == "random":
-        gen = torch.Generator().manual_seed(_hash_seed("zohpc-random-prune", seed))
+        gen = generator("random-prune", seed)
         return {n: torch.rand(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
     raise ConfigError(f"config key 'prune.method': {method!r} is not one of {', '.join(METHODS)}")
 
@@ -252,20 +182,24 @@ def _bcast_masks(masks: dict[str, torch.Tensor], comm) -> dict[str, torch.Tensor
     return out
 
 
-def prune_masks(model: nn.Module, method: str, sparsity: float, data_splits, prune_cfg, seed: int, comm=None):
+def prune_masks(model: nn.Module, method: str, sparsity: float, data_splits, prune_cfg, seed: int, comm=None, *,
+                query_batch: int = 32, check=no_check, objective=None):
     """Masks at initialization for ``model``: ``(masks, ratios)``, identical on every rank.
 
     ``data_splits`` needs ``train_x``, ``train_y`` and ``num_classes``; the pruning batch is
     :func:`select_prune_batch` with ``prune_cfg.samples_per_class``. Global pruning to
     ``round(sparsity * total)`` inactive coordinates (see :func:`zohpc.masks.masks_from_scores`).
-    The model is not modified.
+    The model is not modified. ZO-GraSP options: ``query_batch`` (copies per stacked pass),
+    ``check`` (the stop check run between passes; StepAbandoned propagates), ``objective``
+    (the task's ``(outputs, targets, Q) -> (Q,)``; default :func:`cross_entropy64`).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"config key 'prune.sparsity': {sparsity!r} is out of range (must be in [0, 1))")
     comm = _world(comm)
     x, y = select_prune_batch(data_splits.train_x, data_splits.train_y, data_splits.num_classes,
                               prune_cfg.samples_per_class, seed)
-    scores = importance_scores(model, method, x, y, prune_cfg, seed, comm)
+    scores = importance_scores(model, method, x, y, prune_cfg, seed, comm, query_batch=query_batch, check=check,
+                               objective=objective)
     masks, _ = masks_from_scores(scores, sparsity)
     masks = _bcast_masks(masks, comm)
     return masks, layer_ratios(masks)
@@ -342,7 +276,8 @@ def run(comm, argv=None) -> int:
     # Same initialization as training: the trainer seeds torch.manual_seed(train.seed) right before build_model.
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes).to(device)
-    masks, ratios = prune_masks(model, cfg.prune.method, cfg.prune.sparsity, splits, cfg.prune, seed, comm)
+    masks, ratios = prune_masks(model, cfg.prune.method, cfg.prune.sparsity, splits, cfg.prune, seed, comm,
+                                query_batch=cfg.zo.query_batch)
     if comm.is_driver:
         extra = {"data": cfg.data.name, "train_seed": cfg.train.seed, "queries": cfg.prune.queries,
                  "mu": cfg.prune.mu, "samples_per_class": cfg.prune.samples_per_class, "ranks": comm.size}

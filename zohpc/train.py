@@ -109,17 +109,16 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         trainer.metrics.path = os.path.join(run_dir, "metrics.jsonl") if comm.is_driver else None
     log.info("rank %d/%d local %d/%d %s", comm.rank, comm.size, comm.local_rank, comm.local_size, runtime.describe())
     params = sum(p.numel() for p in trainer.model.parameters())
-    if comm.is_driver:
-        if plan.checkpoint is not None:
-            trainer.metrics.write(rec.Resume(step=trainer.step, checkpoint=plan.checkpoint[0],
-                                             changed=plan.changed, ranks=comm.size))
-            for key in plan.changed:
-                progress.say(f"{progress.prog}: resume: {key} changed (allowed: it does not alter the trajectory)")
-        else:
-            trainer.metrics.write(rec.Start(ranks=comm.size, model=type(trainer.model).__name__
-                                            if task.name != "classify" else cfg.model.name, params=params,
-                                            masks="", estimator=_estimator_name(cfg), task=task.name,
-                                            time=time.time()))
+    if plan.checkpoint is not None:
+        trainer.metrics.write(rec.Resume(step=trainer.step, checkpoint=plan.checkpoint[0],
+                                         changed=plan.changed, ranks=comm.size))
+        for key in plan.changed:
+            progress.say(f"{progress.prog}: resume: {key} changed (allowed: it does not alter the trajectory)")
+    else:
+        trainer.metrics.write(rec.Start(ranks=comm.size, model=type(trainer.model).__name__
+                                        if task.name != "classify" else cfg.model.name, params=params,
+                                        masks=_masks_what(cfg), estimator=_estimator_name(cfg), task=task.name,
+                                        time=time.time()))
     last_saved = trainer.step if plan.checkpoint is not None else None
     try:
         if plan.checkpoint is None:
@@ -136,11 +135,10 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
                      f"{comm.size} rank(s) x {runtime.threads} thread(s), {_estimator_name(cfg).upper()}, "
                      f"masks: {trainer.masks.source}, {trainer.total_steps - trainer.step} step(s) to go"
                      + (f", out: {run_dir}" if run_dir else ""))
-        if comm.is_driver:
-            ready = rec.Ready(startup_seconds=time.time() - t_process, step=trainer.step,
-                              phases={k: round(v, 3) for k, v in progress.phases.items()})
-            trainer.metrics.write(ready)
-            progress.say(f"{progress.prog}: ready after {ready.startup_seconds:.1f} s")
+        ready = rec.Ready(startup_seconds=time.time() - t_process, step=trainer.step,
+                          phases={k: round(v, 3) for k, v in progress.phases.items()})
+        trainer.metrics.write(ready)
+        progress.say(f"{progress.prog}: ready after {ready.startup_seconds:.1f} s")
         stop.enter("step")
         summary = trainer.fit(run_dir, t_process)
     except Preempted:
@@ -164,12 +162,11 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         trainer.save(run_dir)
     wall = time.time() - t_process
     summary["seconds"] = wall
-    if comm.is_driver:
-        trainer.metrics.write(rec.Done(step=trainer.step, epoch=trainer.epoch, best=summary["best"],
-                                       final=summary["final"], queries=summary["queries"], wall_seconds=wall))
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
-        progress.say(f"{progress.prog}: done: {trainer.step} steps{', final ' + shown if shown else ''}, "
-                     f"{wall:.1f} s, {summary['queries']:,} queries" + (f"; run directory {run_dir}" if run_dir else ""))
+    trainer.metrics.write(rec.Done(step=trainer.step, epoch=trainer.epoch, best=summary["best"],
+                                   final=summary["final"], queries=summary["queries"], wall_seconds=wall))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
+    progress.say(f"{progress.prog}: done: {trainer.step} steps{', final ' + shown if shown else ''}, "
+                 f"{wall:.1f} s, {summary['queries']:,} queries" + (f"; run directory {run_dir}" if run_dir else ""))
     summary["history"] = trainer.metrics.history
     comm.barrier()
     return 0, summary

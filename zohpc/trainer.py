@@ -21,7 +21,7 @@ from .errors import CheckpointError, ConfigError, UserError
 from .masks import layer_ratios, layerwise_random_masks, mask_draw, read_mask_file
 from .steps import CGEStep, LIZOStep, RGEStep
 from .steps.protocol import standard
-from .steps.sharding import contiguous_split
+from .sharding import contiguous_split
 from .stop import Preempted, StepAbandoned, no_check
 from .zo import Coordinates
 from .zo.engine import NondeterministicModelError, QueryEngine, check_deterministic
@@ -106,8 +106,9 @@ def make_engine(model, objective, cfg: Config):
 
 
 def stoppable(stop, fn):
-    """Run a local (collective-free) piece of work that a stop may cut short, then agree:
-    Preempted on every rank if any rank abandoned it or was asked to stop."""
+    """Run a piece of work that a stop may cut short, then agree: Preempted on every rank if
+    any rank abandoned it or was asked to stop. ``fn`` is collective-free, or its collectives
+    raise StepAbandoned on every rank alike (``Comm.allgatherv_or_abandon``)."""
     result, abandoned = None, False
     try:
         result = fn()
@@ -224,9 +225,11 @@ class Trainer:
         elif cfg.prune.method != "none" and cfg.prune.sparsity > 0 and cfg.optim.name != "lizo":
             from .prune import prune_masks
 
-            masks, ratios = prune_masks(self.model, cfg.prune.method, cfg.prune.sparsity, splits_for_pruning,
-                                        cfg.prune, cfg.train.seed, comm, query_batch=cfg.zo.query_batch,
-                                        check=self.stop.check if self.stop else no_check)
+            custom = self.task.loss is not None or self.task.batched_loss is not None
+            masks, ratios = stoppable(self.stop, lambda: prune_masks(
+                self.model, cfg.prune.method, cfg.prune.sparsity, splits_for_pruning, cfg.prune, cfg.train.seed, comm,
+                query_batch=cfg.zo.query_batch, check=self.stop.check if self.stop else no_check,
+                objective=self.objective if custom else None))
             self.masks = MaskSchedule(self.masks.shapes, cfg.train.seed, cfg.prune.mask_interval,
                                       ratios=ratios, fixed=masks, source=f"{cfg.prune.method} at sparsity "
                                       f"{cfg.prune.sparsity}")
@@ -286,7 +289,7 @@ class Trainer:
                      self.estimator.shard, self.estimator.predicted_imbalance(), self.estimator.features)
         else:
             self.estimator.set_coords(self.coords)
-        if self.comm.is_driver and not any(r.draw == draw for r in self.metrics.records(rec.Masks)):
+        if not any(r.draw == draw for r in self.metrics.records(rec.Masks)):
             self.metrics.write(rec.Masks(epoch=self.epoch, draw=draw, active_coords=self.coords.total,
                                          time=time.time()))
 
@@ -378,7 +381,8 @@ class Trainer:
 
         stoppable(self.stop, work)
         comm.raise_if_any(error)
-        keys = comm.bcast_strings(sorted(rows[0][2]) if comm.is_driver else None)
+        last = comm.size - 1  # the split puts larger blocks last: the last rank always has a batch
+        keys = comm.bcast_strings(sorted(rows[0][2]) if comm.rank == last else None, root=last)
         sums = torch.zeros(2 + len(keys), dtype=torch.float64)
         for n, loss, metrics in rows:
             sums[0] += n
@@ -426,17 +430,16 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 seconds = time.perf_counter() - t0
-                if comm.is_driver:
-                    self.metrics.write(rec.Step(step=self.step, epoch=self.epoch, loss=result.loss, lr=lr,
-                                                queries=result.queries, seconds=seconds,
-                                                rank_compute_seconds=[round(v, 6) for v in result.compute],
-                                                time=time.time() - t_start))
-                    if progress is not None:
-                        progress.step(self.step, self.epoch, result.loss, lr, result.queries, seconds)
+                self.metrics.write(rec.Step(step=self.step, epoch=self.epoch, loss=result.loss, lr=lr,
+                                            queries=result.queries, seconds=seconds,
+                                            rank_compute_seconds=[round(v, 6) for v in result.compute],
+                                            time=time.time() - t_start))
+                if progress is not None:
+                    progress.step(self.step, self.epoch, result.loss, lr, result.queries, seconds)
             if self.batch_in_epoch < len(batches):
                 break  # max_steps reached inside an epoch
             evaluated = self.evaluate()
-            if evaluated is not None and comm.is_driver:
+            if evaluated is not None:  # every rank keeps the history; the driver writes the file
                 loss, metrics = evaluated
                 self.metrics.write(rec.Eval(step=self.step, epoch=self.epoch, test_loss=loss, metrics=metrics,
                                             time=time.time() - t_start))

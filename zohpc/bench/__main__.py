@@ -16,6 +16,7 @@ BENCHES = {
     "engine": "query engine: naive vs block-level reuse vs per-layer engine",
     "scaling": "distributed sparse-CGE step under mpirun -n K",
     "lizo": "LIZO with/without reuse vs ZO-SGD on test functions",
+    "prune": "ZO-GraSP against its FLOP floor (2q plain forwards of the pruning batch over K ranks)",
 }
 
 

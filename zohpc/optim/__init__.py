@@ -1,6 +1,6 @@
 """Zeroth-order optimizers with the ``torch.optim`` API: LIZO (ReLIZO) and the ZO-SGD family."""
 
 from .lizo import LIZO
-from .zosgd import RGE, ZOSGD, ZOSignSGD, estimate_grad_rge, rge_directions
+from .zosgd import RGE, ZOSGD, ZOSignSGD, estimate_grad_rge
 
-__all__ = ["LIZO", "RGE", "ZOSGD", "ZOSignSGD", "estimate_grad_rge", "rge_directions"]
+__all__ = ["LIZO", "RGE", "ZOSGD", "ZOSignSGD", "estimate_grad_rge"]

@@ -11,6 +11,9 @@ import time
 
 import torch
 
+from ..sharding import contiguous_split
+from ..stop import no_check
+
 
 def trainable(param_groups) -> list[torch.Tensor]:
     """The parameters that require grad, in group order, checked for one dtype and device."""
@@ -48,17 +51,13 @@ def write(params, vec: torch.Tensor) -> None:
         offset += n
 
 
-def block_counts(k: int, size: int) -> list[int]:
-    """Contiguous split of ``k`` queries over ``size`` ranks (the first ranks take the remainder)."""
-    return [k // size + (1 if r < k % size else 0) for r in range(size)]
-
-
 class QueryRunner:
     """Evaluates batches of points, split over ``comm``'s ranks; times the closure."""
 
     def __init__(self, comm=None):
         self.comm = comm
         self.closure_seconds = 0.0
+        self.check = no_check  # the stop check between queries (set by the training step)
 
     def call(self, closure) -> float:
         t0 = time.perf_counter()
@@ -72,14 +71,23 @@ class QueryRunner:
         k = points.shape[0]
         size = self.comm.size if self.comm is not None else 1
         rank = self.comm.rank if self.comm is not None else 0
-        counts = block_counts(k, size)
-        start = sum(counts[:rank])
-        local = torch.empty(counts[rank], dtype=torch.float64)
-        for i in range(counts[rank]):
-            write(params, points[start + i])
-            local[i] = self.call(closure)
-        if counts[rank]:
-            write(params, x)
-        if size == 1:
+        bounds = contiguous_split(k, size)
+        counts = [bounds[r + 1] - bounds[r] for r in range(size)]
+        start = bounds[rank]
+
+        def work():
+            local = torch.empty(counts[rank], dtype=torch.float64)
+            try:
+                for i in range(counts[rank]):
+                    self.check()
+                    write(params, points[start + i])
+                    local[i] = self.call(closure)
+            finally:
+                if counts[rank]:
+                    write(params, x)
             return local
-        return self.comm.allgatherv(local, counts)
+
+        if size == 1:
+            return work()
+        # a stop on any rank is raised on every rank after the collective (all leave together)
+        return self.comm.allgatherv_or_abandon(work, counts)

@@ -4,20 +4,27 @@ At the iterate ``x`` the optimizer holds ``n`` sample points ``y_i`` with known 
 Their offsets ``v_i = y_i - x`` are the rows of ``V``; the gradient estimate is the
 minimum-norm ``g`` with ``v_i . g = f(y_i) - f(x)`` for every row::
 
-    g = V^T (V V^T)^+ (f(Y) - f(x))
+    g = V^T (V V^T)^+ (f(Y) - f(x))  =  U^T (U U^T)^+ delta
 
-(the same as ``U^T (U U^T)^+ delta`` with unit rows ``u_i = v_i / s_i`` and
-``delta_i = (f(x + s_i u_i) - f(x)) / s_i``). Points queried in earlier steps that lie
-within ``reuse_distance_bound`` of the new iterate are reused as rows, so only the rest
-of the ``n`` rows cost a query. Moving from ``x`` to ``x'`` changes every kept offset by
-the same ``d = x - x'``, hence the Gram matrix of the kept points changes by a rank-2
-update plus a constant, ``G' = G + a 1^T + 1 a^T + |d|^2 1 1^T`` with ``a = V d``; only
-inner products that involve new rows are computed afresh.
+with unit rows ``u_i = v_i / |v_i|`` and directional differences
+``delta_i = (f(y_i) - f(x)) / |v_i|``. The system is solved in the unit-row form, so its
+conditioning measures angles between rows, not the mix of lengths (a reused point may lie
+a thousand times farther away than a fresh one). Points queried in earlier steps that lie
+within ``reuse_distance_bound`` of the new iterate are reused as rows, so only the rest of
+the ``n`` rows cost a query. Moving from ``x`` to ``x'`` changes every kept offset by the
+same ``d = x - x'``, hence the Gram matrix of the kept points changes by a rank-2 update
+plus a constant, ``G' = G + a 1^T + 1 a^T + |d|^2 1 1^T`` with ``a = V d``; only inner
+products that involve new rows are computed afresh.
 
 Everything the trajectory depends on lives in ``optimizer.state`` (under the first
 trainable parameter), so ``state_dict`` / ``load_state_dict`` continue a run bit for bit.
-With a ``comm`` the fresh queries of a step are split over the ranks; only loss values
-travel, and every rank takes the same step.
+
+With a ``comm`` the queries of a step are split over the ranks and only loss values travel.
+Ranks may round differently (other thread counts, other BLAS paths), so no rank trusts its
+own arithmetic for a decision that chooses a collective: the reused rows, the fallback
+re-query, a failed step, the line-search chunks, and the estimate itself are the driver's
+(rank 0), broadcast. Query points are then built elementwise from broadcast values, so
+every rank evaluates the same points and takes the same step.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from ..seeding import derive_seed
 from ._queries import QueryRunner, first_trainable_index, flat, trainable, write
 
 log = logging.getLogger("zohpc.optim.lizo")
@@ -52,6 +60,8 @@ COUNTER_NAMES = (
     "failed_steps",  # steps with no usable estimate (non-finite base loss): parameters unchanged
 )
 
+REFERENCE_SAMPLE_STD = 1e-5  # the public ReLIZO code's per-coordinate std of a fresh offset
+
 
 class LIZO(Optimizer):
     """ReLIZO's linear-interpolation ZO optimizer with query reuse (``torch.optim`` API).
@@ -63,11 +73,14 @@ class LIZO(Optimizer):
         lr: step size; the step of each group's slice is ``lr_group * (g + wd * x)``.
         num_sample_per_step: rows ``n`` of the interpolation system per step.
         reuse_distance_bound: reuse earlier points within this distance of the iterate;
-            ``None`` (or 0) means ``2 * max(group lr)``, re-read every step.
+            ``0`` disables reuse (as in ReLIZO); ``None`` or a negative value means
+            ``2 * max(group lr)``, re-read every step (so it follows an lr schedule).
         max_reuse_rate: at most ``floor(max_reuse_rate * n)`` rows are reused per step.
         orthogonal_sample: fresh directions orthonormal (QR of a Gaussian) instead of
             independent normalized Gaussians.
-        sample_norm: length of the fresh offsets (the finite-difference step).
+        sample_norm: length of the fresh offsets (the finite-difference step); ``None``
+            means ``1e-5 * sqrt(d)``, the expected length of the public ReLIZO code's
+            offsets (Gaussian, std 1e-5 per coordinate), for ``d`` trainable values.
         weight_decay: L2 penalty ``wd/2 |x|^2`` added to the objective (its exact gradient
             ``wd * x`` is added to the estimate, and the line search tests the penalized loss).
         line_search: backtracking Armijo search along ``-D (g + wd x)``, ``D`` the per-group lr:
@@ -77,9 +90,9 @@ class LIZO(Optimizer):
         history_size: at most this many earlier points are kept (default ``2 n + 1``).
         recompute_gram: recompute Gram matrices from the offsets (for testing the
             analytic update).
-        gram_rcond: eigenvalues below ``gram_rcond * max`` make the Gram matrix
-            ill-conditioned: reused rows are then replaced by fresh ones, and a system that
-            is still ill-conditioned is solved by truncated pseudo-inverse.
+        gram_rcond: eigenvalues of the unit-row Gram matrix below ``gram_rcond * max`` make
+            it ill-conditioned: reused rows are then replaced by fresh ones, and a system
+            that is still ill-conditioned is solved by truncated pseudo-inverse.
         comm: a :class:`zohpc.comm.Comm`; the queries of a step are split over its ranks.
         seed: seed of the direction sampler (every rank draws the same directions).
     """
@@ -92,7 +105,7 @@ class LIZO(Optimizer):
         reuse_distance_bound: float | None = None,
         max_reuse_rate: float = 0.5,
         orthogonal_sample: bool = False,
-        sample_norm: float = 5e-3,
+        sample_norm: float | None = None,
         weight_decay: float = 0.0,
         line_search: bool = False,
         ls_c: float = 1e-4,
@@ -108,11 +121,11 @@ class LIZO(Optimizer):
             raise ValueError(f"LIZO: lr must be > 0, got {lr}")
         if num_sample_per_step < 1:
             raise ValueError(f"LIZO: num_sample_per_step must be >= 1, got {num_sample_per_step}")
-        if reuse_distance_bound is not None and reuse_distance_bound < 0:
-            raise ValueError(f"LIZO: reuse_distance_bound must be >= 0, got {reuse_distance_bound}")
+        if reuse_distance_bound is not None and not math.isfinite(reuse_distance_bound):
+            raise ValueError(f"LIZO: reuse_distance_bound must be finite, got {reuse_distance_bound}")
         if not 0.0 <= max_reuse_rate <= 1.0:
             raise ValueError(f"LIZO: max_reuse_rate must be in [0, 1], got {max_reuse_rate}")
-        if not sample_norm > 0:
+        if sample_norm is not None and not sample_norm > 0:
             raise ValueError(f"LIZO: sample_norm must be > 0, got {sample_norm}")
         if weight_decay < 0:
             raise ValueError(f"LIZO: weight_decay must be >= 0, got {weight_decay}")
@@ -122,10 +135,12 @@ class LIZO(Optimizer):
             raise ValueError(f"LIZO: history_size must be >= 0, got {history_size}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.num_sample_per_step = int(num_sample_per_step)
-        self.reuse_distance_bound = reuse_distance_bound or None
+        bound = None if reuse_distance_bound is None or reuse_distance_bound < 0 else float(reuse_distance_bound)
+        self.reuse_distance_bound = bound
         self.max_reuse_rate = float(max_reuse_rate)
         self.orthogonal_sample = bool(orthogonal_sample)
-        self.sample_norm = float(sample_norm)
+        dim = sum(p.numel() for p in self._params())
+        self.sample_norm = REFERENCE_SAMPLE_STD * math.sqrt(dim) if sample_norm is None else float(sample_norm)
         self.line_search = bool(line_search)
         self.ls_c, self.ls_beta, self.ls_max_backtracks = float(ls_c), float(ls_beta), int(ls_max_backtracks)
         self.history_size = 2 * self.num_sample_per_step + 1 if history_size is None else int(history_size)
@@ -167,7 +182,7 @@ class LIZO(Optimizer):
         if K_RNG not in st:
             dim = sum(p.numel() for p in params)
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(self.seed)
+            gen.manual_seed(derive_seed("lizo-directions", self.seed))
             st[K_RNG] = gen.get_state()
             st[K_X] = torch.empty(0, dtype=p0.dtype, device=p0.device)
             st[K_POINTS] = torch.empty(0, dim, dtype=p0.dtype, device=p0.device)
@@ -211,6 +226,12 @@ class LIZO(Optimizer):
 
     queries_made = num_queries  # the name zohpc.train reads
 
+    def distance_bound(self) -> float:
+        """The reuse bound of the next step (0: no reuse)."""
+        if self.reuse_distance_bound is None:
+            return 2.0 * max(float(g["lr"]) for g in self.param_groups)
+        return self.reuse_distance_bound
+
     # ------------------------------------------------------------------ sampling and queries
     def sample_directions(self, k: int, dim: int) -> torch.Tensor:
         """``k`` fresh offsets (rows, float64 on the CPU) of length ``sample_norm``.
@@ -233,6 +254,16 @@ class LIZO(Optimizer):
         return rows * self.sample_norm
 
     @property
+    def query_check(self):
+        """Called between this rank's queries of a batch (a stop check: it may raise
+        ``zohpc.stop.StepAbandoned``, then every rank raises it after the batch's gather)."""
+        return self._runner.check
+
+    @query_check.setter
+    def query_check(self, fn) -> None:
+        self._runner.check = fn
+
+    @property
     def closure_seconds(self) -> float:
         """Time spent inside ``closure()`` on this rank (step time minus this is the overhead)."""
         return self._runner.closure_seconds
@@ -240,7 +271,40 @@ class LIZO(Optimizer):
     def _evaluate(self, closure, params, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return self._runner.evaluate(closure, params, x, points)
 
-    # ------------------------------------------------------------------ linear algebra
+    # ------------------------------------------------------------------ agreement over ranks
+    @property
+    def _ranks(self) -> int:
+        return self.comm.size if self.comm is not None else 1
+
+    def _agree(self, values) -> list[float]:
+        """The driver's ``values`` (small numbers) on every rank: decisions are taken from these."""
+        if self._ranks == 1:
+            return [float(v) for v in values]
+        buf = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.comm.bcast_(buf)
+        return buf.tolist()
+
+    def _agree_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The driver's tensor ``t`` (contiguous) on every rank, in place."""
+        if self._ranks > 1:
+            self.comm.bcast_(t)
+        return t
+
+    # ------------------------------------------------------------------ local decisions
+    def _choose_reuse(self, st: dict, bound: float, r_max: int) -> torch.Tensor:
+        """Indices of the kept points to reuse: the nearest within ``bound``, at most ``r_max``."""
+        losses_h, gram_h = st[K_LOSSES], st[K_GRAM]
+        empty = torch.empty(0, dtype=torch.long, device=losses_h.device)
+        if not (losses_h.numel() and r_max > 0 and bound > 0):
+            return empty
+        dist2 = torch.diagonal(gram_h)
+        ok = torch.isfinite(losses_h) & (dist2 <= bound * bound) & (dist2 > (1e-2 * self.sample_norm) ** 2)
+        cand = torch.nonzero(ok).flatten()
+        if not cand.numel():
+            return empty
+        order = torch.argsort(dist2[cand], stable=True)
+        return cand[order[:r_max]]
+
     @staticmethod
     def _finite_rows(rhs: torch.Tensor):
         """Mask of usable rows (finite loss difference), or None when all are usable."""
@@ -254,24 +318,35 @@ class LIZO(Optimizer):
         return t[good][:, good] if square else t[good]
 
     def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, dim: int):
-        """``(gram^+ rhs, well_conditioned)`` by eigendecomposition; ``(None, False)`` if unusable.
+        """``(gram^+ rhs, well_conditioned)`` in the unit-row form; ``(None, False)`` if unusable.
 
-        Well conditioned means rank ``min(rows, dim)`` at tolerance ``gram_rcond``: with more
-        rows than dimensions the Gram matrix is singular by construction, and that is fine.
+        With ``D = diag(|v_i|)``: ``gram^+ rhs = D^-1 (D^-1 gram D^-1)^+ D^-1 rhs`` for a full-rank
+        system; the truncation acts on the unit-row Gram matrix, whose eigenvalues do not depend
+        on how far the rows reach. Well conditioned means rank ``min(rows, dim)`` at tolerance
+        ``gram_rcond``: with more rows than dimensions the matrix is singular by construction.
         """
         if gram.numel() == 0 or not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
             return None, False
-        evals, evecs = torch.linalg.eigh(gram)
+        norms = torch.diagonal(gram).sqrt()
+        if not bool((norms > 0).all()):
+            return None, False
+        unit = gram / norms[:, None] / norms[None, :]
+        evals, evecs = torch.linalg.eigh(unit)
         lmax = evals[-1]
         if not lmax > 0:
             return None, False
         keep = evals > self.gram_rcond * lmax
         q = evecs[:, keep]
-        coef = q @ ((q.T @ rhs) / evals[keep])
+        coef = (q @ ((q.T @ (rhs / norms)) / evals[keep])) / norms
         if not torch.isfinite(coef).all():
             return None, False
         return coef, int(keep.sum()) >= min(gram.shape[0], dim)
 
+    def _accept(self, big_f: float, big_f0: float, tau: float, slope: float) -> bool:
+        """Armijo with strict decrease, on the penalized loss."""
+        return math.isfinite(big_f) and big_f < big_f0 and big_f <= big_f0 - self.ls_c * tau * slope
+
+    # ------------------------------------------------------------------ Gram bookkeeping
     @staticmethod
     def _shift_gram(gram: torch.Tensor, offsets: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Gram matrix after every offset row gains ``d``: ``G + a 1^T + 1 a^T + |d|^2 1 1^T``."""
@@ -289,6 +364,15 @@ class LIZO(Optimizer):
             else:
                 st[K_GRAM] = self._shift_gram(st[K_GRAM], offsets, d)
         st[K_X] = x_to.clone()
+
+    def _assemble(self, off_r, off_f, gram_rr):
+        """System Gram matrix of the rows ``[reused | fresh]``."""
+        if self.recompute_gram:
+            v = torch.cat([off_r, off_f])
+            return v @ v.T
+        g_rf = off_r @ off_f.T
+        g_ff = off_f @ off_f.T
+        return torch.cat([torch.cat([gram_rr, g_rf], 1), torch.cat([g_rf.T, g_ff], 1)])
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -310,21 +394,15 @@ class LIZO(Optimizer):
         lr_vec, wd_vec = self._group_vectors()
         lr_vec, wd_vec = lr_vec.to(x.device), wd_vec.to(x.device)
         n = self.num_sample_per_step
-        bound = self.reuse_distance_bound
-        if bound is None:
-            bound = 2.0 * max(float(g["lr"]) for g in self.param_groups)
-
-        # ---- choose the reused rows: nearest kept points within the bound
         losses_h, gram_h, points_h = st[K_LOSSES], st[K_GRAM], st[K_POINTS]
+
+        # ---- the reused rows: the driver's choice (it fixes how many fresh queries follow)
         r_max = min(n, int(math.floor(self.max_reuse_rate * n + 1e-9)))
-        reuse = torch.empty(0, dtype=torch.long, device=x.device)
-        if losses_h.numel() and r_max > 0:
-            dist2 = torch.diagonal(gram_h)
-            ok = torch.isfinite(losses_h) & (dist2 <= bound * bound) & (dist2 > (1e-2 * self.sample_norm) ** 2)
-            cand = torch.nonzero(ok).flatten()
-            if cand.numel():
-                order = torch.argsort(dist2[cand], stable=True)
-                reuse = cand[order[:r_max]]
+        reuse = self._choose_reuse(st, self.distance_bound(), r_max)
+        if self._ranks > 1 and r_max > 0:
+            plan = [reuse.numel()] + reuse.tolist() + [-1] * (r_max - reuse.numel())
+            plan = self._agree(plan)
+            reuse = torch.tensor(plan[1:1 + int(plan[0])], dtype=torch.long, device=x.device)
         r = reuse.numel()
 
         # ---- fresh rows and their queries (the base query x first)
@@ -332,28 +410,21 @@ class LIZO(Optimizer):
         pts_f = (x64 + fresh_dirs).to(x.dtype)
         values = self._evaluate(closure, params, x, torch.cat([x[None], pts_f]))
         stats["queries"] += values.numel()
-        f0 = float(values[0])
+        f0 = float(values[0])  # every rank holds every value: f0 is agreed
         pts_r = points_h[reuse]
         loss_r = losses_h[reuse]
         loss_f = values[1:].to(x.device)
         off_r = pts_r.double() - x64
         off_f = pts_f.double() - x64
+        gram = self._assemble(off_r, off_f, gram_h[reuse][:, reuse])
 
-        def assemble(off_r, off_f, gram_rr):
-            if self.recompute_gram:
-                v = torch.cat([off_r, off_f])
-                return v @ v.T
-            g_rf = off_r @ off_f.T
-            g_ff = off_f @ off_f.T
-            return torch.cat([torch.cat([gram_rr, g_rf], 1), torch.cat([g_rf.T, g_ff], 1)])
-
-        gram = assemble(off_r, off_f, gram_h[reuse][:, reuse])
-        coef = None
+        coef, good, ok = None, None, False
         if math.isfinite(f0):
             rhs = torch.cat([loss_r, loss_f]) - f0
             good = self._finite_rows(rhs)
             coef, well = self._solve(self._rows(gram, good, True), self._rows(rhs, good), dim)
-            if (coef is None or not well) and r > 0:
+            ok, well = (bool(v) for v in self._agree([coef is not None, well]))
+            if not (ok and well) and r > 0:
                 # the reused rows made the system (nearly) singular: replace them by fresh rows
                 stats["fallback"] = True
                 extra = self.sample_directions(r, dim).to(x.device)
@@ -366,25 +437,25 @@ class LIZO(Optimizer):
                 reuse = reuse[:0]
                 r = 0
                 pts_r, loss_r, off_r = pts_r[:0], loss_r[:0], off_r[:0]
-                gram = assemble(off_r, off_f, gram_h[:0, :0])
+                gram = self._assemble(off_r, off_f, gram_h[:0, :0])
                 rhs = loss_f - f0
                 good = self._finite_rows(rhs)
                 coef, well = self._solve(self._rows(gram, good, True), self._rows(rhs, good), dim)
-            if coef is not None and not well:
-                stats["pinv"] = True
+                ok, well = (bool(v) for v in self._agree([coef is not None, well]))
+            stats["pinv"] = ok and not well
         stats["reused"], stats["fresh"] = r, pts_f.shape[0]
         self.last_gram = gram
 
-        # ---- the move
+        # ---- the move: the driver's estimate, so every rank builds the same points
         x_new = x
         self.last_offsets = None
         self.last_grad = torch.zeros_like(x64)
-        if coef is None:
+        if not ok:
             stats["failed"] = True
         else:
-            off_sys = torch.cat([off_r, off_f])
-            off_sys = self._rows(off_sys, good)
-            grad = off_sys.T @ coef
+            off_sys = self._rows(torch.cat([off_r, off_f]), good)
+            grad = off_sys.T @ coef if coef is not None else torch.zeros_like(x64)
+            grad = self._agree_tensor(grad.contiguous())
             self.last_offsets, self.last_grad = off_sys, grad
             grad_tot = grad + wd_vec * x64
             direction = lr_vec * grad_tot
@@ -392,61 +463,11 @@ class LIZO(Optimizer):
                 x_new = self._line_search(closure, params, x, x64, f0, grad_tot, direction, wd_vec, stats)
             else:
                 x_new = (x64 - direction).to(x.dtype)
-            if self.comm is not None and self.comm.size > 1:
-                self.comm.bcast_(x_new)  # guard against rank-to-rank rounding differences
             self._write(params, x_new)
 
         # ---- history: [old iterate x, fresh rows, reused rows, older kept points], re-anchored at x_new
         if math.isfinite(f0):
-            moved = not torch.equal(x_new, x)
-            keep_r = torch.zeros(losses_h.numel(), dtype=torch.bool, device=x.device)
-            keep_r[reuse] = True
-            old = torch.nonzero(~keep_r & torch.isfinite(losses_h)).flatten()
-            lead = (1 if moved else 0) + pts_f.shape[0] + r
-            old = old[: max(0, self.history_size - lead)]
-            pts_o = points_h[old]
-            off_o = pts_o.double() - x64
-            blocks_pts = ([x[None]] if moved else []) + [pts_f, pts_r, pts_o]
-            blocks_loss = ([torch.tensor([f0], dtype=torch.float64, device=x.device)] if moved else []) + [
-                loss_f, loss_r, losses_h[old]]
-            new_pts = torch.cat(blocks_pts)
-            new_loss = torch.cat(blocks_loss)
-            offsets = torch.cat(([torch.zeros(1, dim, dtype=torch.float64, device=x.device)] if moved else [])
-                                + [off_f, off_r, off_o])
-            if self.recompute_gram:
-                new_gram = offsets @ offsets.T
-            else:
-                # system Gram is ordered [r | f]; history wants [center | f | r | old]
-                nf = off_f.shape[0]
-                g_ff, g_rr, g_rf = gram[r:, r:], gram[:r, :r], gram[:r, r:]
-                g_oo = gram_h[old][:, old]
-                g_or = gram_h[old][:, reuse]
-                g_of = off_o @ off_f.T
-                m = new_loss.numel()
-                new_gram = torch.zeros(m, m, dtype=torch.float64, device=x.device)
-                c = 1 if moved else 0
-                fs, rs, os_ = slice(c, c + nf), slice(c + nf, c + nf + r), slice(c + nf + r, m)
-                new_gram[fs, fs] = g_ff
-                new_gram[rs, rs] = g_rr
-                new_gram[rs, fs] = g_rf
-                new_gram[fs, rs] = g_rf.T
-                new_gram[os_, os_] = g_oo
-                new_gram[os_, rs] = g_or
-                new_gram[rs, os_] = g_or.T
-                new_gram[os_, fs] = g_of
-                new_gram[fs, os_] = g_of.T
-            limit = self.history_size
-            new_pts, new_loss = new_pts[:limit], new_loss[:limit]
-            new_gram, offsets = new_gram[:limit, :limit], offsets[:limit]
-            st[K_POINTS], st[K_LOSSES], st[K_GRAM] = new_pts, new_loss, new_gram
-            # re-anchor at the new iterate (x_old - x_new = d for every offset)
-            if moved:
-                d = x64 - x_new.double()
-                if self.recompute_gram:
-                    off_new = new_pts.double() - x_new.double()
-                    st[K_GRAM] = off_new @ off_new.T
-                else:
-                    st[K_GRAM] = self._shift_gram(new_gram, offsets, d)
+            self._update_history(st, x, x64, x_new, f0, pts_f, loss_f, off_f, reuse, pts_r, loss_r, off_r, gram)
         st[K_X] = x_new.clone()
         st[K_RNG] = self._gen.get_state()
 
@@ -466,23 +487,83 @@ class LIZO(Optimizer):
                       stats["fresh"], stats["line_search_queries"], stats["fallback"], stats["pinv"])
         return f0
 
+    def _update_history(self, st, x, x64, x_new, f0, pts_f, loss_f, off_f, reuse, pts_r, loss_r, off_r, gram):
+        """Keep ``[old iterate, fresh, reused, older]`` (at most ``history_size``), re-anchored at ``x_new``."""
+        losses_h, gram_h, points_h = st[K_LOSSES], st[K_GRAM], st[K_POINTS]
+        dim = x.numel()
+        r = reuse.numel()
+        moved = not torch.equal(x_new, x)
+        keep_r = torch.zeros(losses_h.numel(), dtype=torch.bool, device=x.device)
+        keep_r[reuse] = True
+        old = torch.nonzero(~keep_r & torch.isfinite(losses_h)).flatten()
+        lead = (1 if moved else 0) + pts_f.shape[0] + r
+        old = old[: max(0, self.history_size - lead)]
+        pts_o = points_h[old]
+        off_o = pts_o.double() - x64
+        new_pts = torch.cat(([x[None]] if moved else []) + [pts_f, pts_r, pts_o])
+        new_loss = torch.cat(([torch.tensor([f0], dtype=torch.float64, device=x.device)] if moved else [])
+                             + [loss_f, loss_r, losses_h[old]])
+        offsets = torch.cat(([torch.zeros(1, dim, dtype=torch.float64, device=x.device)] if moved else [])
+                            + [off_f, off_r, off_o])
+        if self.recompute_gram:
+            new_gram = offsets @ offsets.T
+        else:
+            # the system Gram matrix is ordered [r | f]; the history wants [center | f | r | old]
+            nf = off_f.shape[0]
+            g_ff, g_rr, g_rf = gram[r:, r:], gram[:r, :r], gram[:r, r:]
+            g_oo = gram_h[old][:, old]
+            g_or = gram_h[old][:, reuse]
+            g_of = off_o @ off_f.T
+            m = new_loss.numel()
+            new_gram = torch.zeros(m, m, dtype=torch.float64, device=x.device)
+            c = 1 if moved else 0
+            fs, rs, os_ = slice(c, c + nf), slice(c + nf, c + nf + r), slice(c + nf + r, m)
+            new_gram[fs, fs] = g_ff
+            new_gram[rs, rs] = g_rr
+            new_gram[rs, fs] = g_rf
+            new_gram[fs, rs] = g_rf.T
+            new_gram[os_, os_] = g_oo
+            new_gram[os_, rs] = g_or
+            new_gram[rs, os_] = g_or.T
+            new_gram[os_, fs] = g_of
+            new_gram[fs, os_] = g_of.T
+        limit = self.history_size
+        new_pts, new_loss = new_pts[:limit], new_loss[:limit]
+        new_gram, offsets = new_gram[:limit, :limit], offsets[:limit]
+        st[K_POINTS], st[K_LOSSES], st[K_GRAM] = new_pts, new_loss, new_gram
+        if moved:  # re-anchor at the new iterate (x_old - x_new = d for every offset)
+            if self.recompute_gram:
+                off_new = new_pts.double() - x_new.double()
+                st[K_GRAM] = off_new @ off_new.T
+            else:
+                st[K_GRAM] = self._shift_gram(new_gram, offsets, x64 - x_new.double())
+
     def _line_search(self, closure, params, x, x64, f0, grad_tot, direction, wd_vec, stats):
-        """Backtracking Armijo on F = f + wd/2 |x|^2; returns the accepted point or ``x``."""
+        """Backtracking Armijo on F = f + wd/2 |x|^2; returns the accepted point or ``x``.
+
+        Trials go ``size`` at a time; whether to search at all and which trial of a chunk
+        passes are the driver's decisions, so every rank runs the same number of chunks.
+        """
         slope = float(torch.dot(grad_tot, direction))
-        if not (slope > 0 and math.isfinite(slope)):
+        (search,) = self._agree([slope > 0 and math.isfinite(slope)])
+        if not search:
             return x
         penalty = (lambda z: 0.5 * float(torch.dot(wd_vec, z * z))) if bool((wd_vec > 0).any()) else (lambda z: 0.0)
         big_f0 = f0 + penalty(x64)
         taus = [self.ls_beta ** k for k in range(self.ls_max_backtracks + 1)]
-        chunk = self.comm.size if self.comm is not None else 1
+        chunk = self._ranks
         for first in range(0, len(taus), chunk):
             batch = taus[first:first + chunk]
             trials = torch.stack([(x64 - tau * direction).to(x.dtype) for tau in batch])
             vals = self._evaluate(closure, params, x, trials)
             stats["line_search_queries"] += vals.numel()
-            for tau, trial, val in zip(batch, trials, vals.tolist()):
-                big_f = val + penalty(trial.double())
-                if math.isfinite(big_f) and big_f < big_f0 and big_f <= big_f0 - self.ls_c * tau * slope:
-                    stats["line_search_accepted"] = tau
-                    return trial
+            passed = -1
+            for i, (tau, trial, val) in enumerate(zip(batch, trials, vals.tolist())):
+                if self._accept(val + penalty(trial.double()), big_f0, tau, slope):
+                    passed = i
+                    break
+            (passed,) = self._agree([passed])
+            if passed >= 0:
+                stats["line_search_accepted"] = batch[int(passed)]
+                return trials[int(passed)]
         return x

@@ -7,16 +7,15 @@ torch lacks there are two optimizers with the usual contract (``param_groups``, 
 and self-contained) and :class:`ZOSignSGD` (the sign of the estimate, optionally of its
 exponential moving average: ZO-signum).
 
-RGE (forward difference)::
-
-    g = (phi / q) * sum_j (f(x + mu u_j) - f(x)) / mu * u_j,    u_j uniform on the unit sphere
-
-with ``phi = d`` (``scale="dim"``, the default: ``E[d u u^T] = I``, so ``g`` is an
-unbiased estimate of the gradient of the sphere-smoothed loss and a learning rate means
-what it means for SGD) or ``phi = 1`` (``scale="none"``: DeepZero's convention, the
-estimate is ``d`` times shorter). ``difference="central"`` uses
-``(f(x + mu u) - f(x - mu u)) / (2 mu)``. Query counts per call: ``q + 1`` (forward) or
-``2 q + 1`` (central; the base loss is still evaluated, for the return value).
+The estimate is the one RGE core's (:mod:`zohpc.zo.rge`: directions regenerated from
+``zohpc.seeding`` with parts ``(seed, step)``, its scaling convention ``dim / q``, unbiased
+for the sphere-smoothed loss). ``scale="none"`` divides by ``dim`` (DeepZero's convention:
+the estimate is ``dim`` times shorter). ``difference="central"`` uses
+``(f(x + mu u) - f(x - mu u)) / (2 mu)``. A closure evaluates one point at a time, so the
+core sees the closure through :class:`ClosureEvaluator` (one copy per pass). Query counts
+per call: ``q + 1`` (forward) or ``2 q + 1`` (central; the base loss is still evaluated, for
+the return value). Under MPI the ``q`` directions are split over the ranks and only loss
+values travel.
 """
 
 from __future__ import annotations
@@ -24,27 +23,46 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._queries import QueryRunner, first_trainable_index, flat, trainable
+from ..stop import no_check
+from ..zo.rge import rge_coefficients, rge_combine, sharded_losses
+from ._queries import QueryRunner, first_trainable_index, flat, trainable, write
 
 SCALES = ("dim", "none")
 DIFFERENCES = ("forward", "central")
 
 
-def rge_directions(q: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """``q`` rows uniform on the unit sphere of R^dim (normalized Gaussians), float64 on the CPU."""
-    z = torch.randn(q, dim, generator=generator, dtype=torch.float64)
-    return z / z.norm(dim=1, keepdim=True)
+class ClosureEvaluator:
+    """The RGE core's evaluator for a closure: each perturbed point is written into the
+    parameters and the closure called (one copy per pass); the parameters are restored."""
+
+    copies_per_pass = 1
+
+    def __init__(self, closure, params, runner: QueryRunner):
+        self.closure, self.params, self.runner = closure, params, runner
+        self.x = flat(params)
+        self.x64 = self.x.double()
+
+    @torch.no_grad()
+    def losses_of(self, deltas: torch.Tensor, check=no_check) -> torch.Tensor:
+        out = torch.empty(deltas.shape[0], dtype=torch.float64)
+        try:
+            for k in range(deltas.shape[0]):
+                check()
+                write(self.params, (self.x64 + deltas[k].to(self.x.device)).to(self.x.dtype))
+                out[k] = self.runner.call(self.closure)
+        finally:
+            write(self.params, self.x)
+        return out
 
 
 @torch.no_grad()
-def estimate_grad_rge(closure, params, q: int = 20, mu: float = 1e-3, generator: torch.Generator | None = None,
-                      comm=None, scale: str = "dim", difference: str = "forward",
-                      runner: QueryRunner | None = None) -> float:
+def estimate_grad_rge(closure, params, q: int = 20, mu: float = 1e-3, seed: int = 0, step: int = 0, comm=None,
+                      scale: str = "dim", difference: str = "forward", runner: QueryRunner | None = None) -> float:
     """Fill ``p.grad`` of every trainable parameter with the RGE estimate; return ``f(x)``.
 
-    ``generator`` (CPU) draws the directions; under MPI every rank must pass a generator
-    in the same state, then the ``q`` queries are split over the ranks of ``comm`` and only
-    loss values travel. The parameters are left unchanged.
+    Directions come from ``(seed, step)`` (the same on every rank); under MPI the ``q``
+    queries are split over the ranks of ``comm`` and only loss values travel. The
+    parameters are left unchanged.
     """
     if q < 1 or not mu > 0:
         raise ValueError(f"estimate_grad_rge: need q >= 1 and mu > 0, got q={q}, mu={mu}")
@@ -55,28 +73,23 @@ def estimate_grad_rge(closure, params, q: int = 20, mu: float = 1e-3, generator:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("estimate_grad_rge: no trainable parameters")
-    if generator is None:
-        generator = torch.default_generator
     runner = runner if runner is not None else QueryRunner(comm)
-    x = flat(params)
-    dim = x.numel()
-    u = rge_directions(q, dim, generator).to(x.device)
-    x64 = x.double()
-    points = [x[None], (x64 + mu * u).to(x.dtype)]
-    if difference == "central":
-        points.append((x64 - mu * u).to(x.dtype))
-    values = runner.evaluate(closure, params, x, torch.cat(points)).to(x.device)
-    f0 = float(values[0])
+    evaluator = ClosureEvaluator(closure, params, runner)
+    dim, parts = evaluator.x.numel(), (int(seed), int(step))
+    f0 = runner.call(closure)
+    plus = sharded_losses(evaluator, dim, parts, q, mu, comm)
     if difference == "forward":
-        delta = (values[1:] - values[0]) / mu
+        diffs = (plus - f0) / mu
     else:
-        delta = (values[1:q + 1] - values[q + 1:]) / (2 * mu)
-    phi = dim if scale == "dim" else 1
-    grad = (phi / q) * (u.T @ delta)
+        diffs = (plus - sharded_losses(evaluator, dim, parts, q, -mu, comm)) / (2 * mu)
+    coeffs = rge_coefficients(diffs, dim)
+    if scale == "none":
+        coeffs = coeffs / dim
+    grad = rge_combine(coeffs, dim, parts)
     offset = 0
     for p in params:
         n = p.numel()
-        g = grad[offset:offset + n].view_as(p).to(p.dtype)
+        g = grad[offset:offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
         if p.grad is None:
             p.grad = g.clone()
         else:
@@ -92,36 +105,39 @@ class RGE:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss = est.estimate(closure); opt.step()
 
-    ``state_dict()`` holds the generator state, so a resumed run draws the same directions.
+    Call ``k`` draws the directions of ``(seed, k)``; ``state_dict()`` holds ``k``, so a
+    resumed run draws the same directions.
     """
 
     def __init__(self, params, q: int = 20, mu: float = 1e-3, seed: int = 0, scale: str = "dim",
                  difference: str = "forward", comm=None):
         self.params = [p for p in params if p.requires_grad]
         self.q, self.mu, self.scale, self.difference = int(q), float(mu), scale, difference
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(seed))
+        self.seed, self.comm = int(seed), comm
         self.runner = QueryRunner(comm)
+        self.steps = 0
         self.queries = 0
 
     def estimate(self, closure) -> float:
-        f0 = estimate_grad_rge(closure, self.params, self.q, self.mu, self.generator, scale=self.scale,
-                               difference=self.difference, runner=self.runner)
+        f0 = estimate_grad_rge(closure, self.params, self.q, self.mu, self.seed, self.steps, self.comm,
+                               scale=self.scale, difference=self.difference, runner=self.runner)
+        self.steps += 1
         self.queries += self.q * (2 if self.difference == "central" else 1) + 1
         return f0
 
     def state_dict(self) -> dict:
-        return {"rng": self.generator.get_state(), "queries": self.queries}
+        return {"steps": self.steps, "queries": self.queries}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["rng"].cpu())
+        self.steps = int(state["steps"])
         self.queries = int(state["queries"])
 
 
 class _RGEOptimizer(Optimizer):
-    """Common part: the estimator's generator and query count live in ``state`` (first param)."""
+    """Common part: the estimator's step count (it names the directions) and query count live
+    in ``state`` of the first trainable parameter, so ``state_dict`` carries them."""
 
-    _RNG, _QUERIES = "zo_rng", "zo_queries"
+    _STEP, _QUERIES = "zo_step", "zo_queries"
 
     def __init__(self, params, defaults, q, mu, scale, difference, seed, comm):
         if q < 1 or not mu > 0:
@@ -131,7 +147,6 @@ class _RGEOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.q, self.mu, self.scale, self.difference = int(q), float(mu), scale, difference
         self.seed, self.comm = int(seed), comm
-        self._gen = torch.Generator(device="cpu")
         self._runner = QueryRunner(comm)
 
     @property
@@ -148,23 +163,21 @@ class _RGEOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         params = trainable(self.param_groups)
         st = self.state[params[0]]
-        if self._RNG not in st:
-            self._gen.manual_seed(self.seed)
-            st[self._RNG] = self._gen.get_state()
+        if self._STEP not in st:
+            st[self._STEP] = torch.zeros((), dtype=torch.int64)
             st[self._QUERIES] = torch.zeros((), dtype=torch.int64)
-        self._gen.set_state(st[self._RNG].cpu())
-        f0 = estimate_grad_rge(closure, params, self.q, self.mu, self._gen, scale=self.scale,
-                               difference=self.difference, runner=self._runner)
-        st[self._RNG] = self._gen.get_state()
+        f0 = estimate_grad_rge(closure, params, self.q, self.mu, self.seed, int(st[self._STEP]), self.comm,
+                               scale=self.scale, difference=self.difference, runner=self._runner)
+        st[self._STEP] = st[self._STEP] + 1
         st[self._QUERIES] = st[self._QUERIES] + self.q * (2 if self.difference == "central" else 1) + 1
         return f0
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         src = state_dict["state"].get(first_trainable_index(self.param_groups))
-        if src is not None and self._RNG in src:
+        if src is not None and self._STEP in src:
             st = self.state[trainable(self.param_groups)[0]]
-            st[self._RNG] = src[self._RNG].detach().clone().cpu()
+            st[self._STEP] = src[self._STEP].detach().clone().cpu()
             st[self._QUERIES] = src[self._QUERIES].detach().clone().cpu()
 
 

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..stop import StepAbandoned
 from ..zo import Coordinates, cge
 from .protocol import StepResult, settle, share_batch, share_state
-from .sharding import balanced_bounds, corrected_costs, shard_costs
+from ..sharding import balanced_bounds, corrected_costs, shard_costs
 
 
 class CGEStep:

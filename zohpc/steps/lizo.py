@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..errors import UserError
-from ..stop import StepAbandoned
+from ..stop import StepAbandoned, no_check
 from ..zo.batchnorm import batch_stats_only
 from .protocol import StepResult, settle, share_batch, share_state
 
@@ -36,11 +36,12 @@ class LIZOStep:
         comm, model, optimizer = self.comm, self.model, self.optimizer
         t0 = time.perf_counter()
         share_batch(comm, x, y)
-        check = self.stop.check if self.stop is not None else (lambda: None)
+        # the stop check runs between the optimizer's sharded queries, where every rank
+        # leaves together (see zohpc.comm.Comm.allgatherv_or_abandon)
+        optimizer.query_check = self.stop.check if self.stop is not None else no_check
 
         @torch.no_grad()
         def closure():
-            check()
             with batch_stats_only(model):
                 return self.objective(model(x), y, 1)[0]
 

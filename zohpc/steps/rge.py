@@ -12,9 +12,9 @@ import torch
 from ..errors import UserError
 from ..stop import StepAbandoned
 from ..zo import Coordinates
-from ..zo.rge import active_scatter, rge_combine, rge_losses
+from ..zo.rge import active_scatter, rge_coefficients, rge_combine, rge_losses
 from .protocol import StepResult, settle, share_batch, share_state
-from .sharding import contiguous_split
+from ..sharding import contiguous_split
 
 
 class RGEStep:
@@ -27,11 +27,13 @@ class RGEStep:
         self.comm, self.model, self.evaluator = comm, model, evaluator
         self.mu, self.q, self.seed, self.stop = mu, int(queries), int(seed), stop
         self.coords: Coordinates | None = None
-        self.bounds = contiguous_split(self.q, comm.size)
+        self.scatter = None
+        self.bounds: list[int] = []
         self.progress = None
 
     def set_coords(self, coords: Coordinates, costs=None) -> None:
         self.coords = coords
+        self.scatter = active_scatter(coords)
 
     def rebalance(self, compute) -> None:
         """Directions cost the same: the even split needs no correction."""
@@ -45,6 +47,9 @@ class RGEStep:
         times = {}
         t0 = time.perf_counter()
         share_batch(comm, x, y)
+        if not self.bounds:  # blocks of whole stacked passes (the pass size depends on the batch shape)
+            self.evaluator.prepare(x, y)
+            self.bounds = contiguous_split(self.q, comm.size, max(1, int(self.evaluator.copies_per_pass)))
         lo, hi = self.bounds[comm.rank], self.bounds[comm.rank + 1]
         local = torch.full((hi - lo,), math.nan, dtype=torch.float64)
         base = math.nan
@@ -53,7 +58,7 @@ class RGEStep:
         try:
             base = float(self.evaluator.prepare(x, y))  # every rank: the same forward, the same value
             local = rge_losses(self.evaluator, self.coords.total, (self.seed, step), lo, hi, self.mu,
-                               scatter=active_scatter(self.coords), check=check)
+                               scatter=self.scatter, check=check)
         except StepAbandoned:
             abandoned = True
         except UserError as exc:
@@ -68,7 +73,7 @@ class RGEStep:
 
         t2 = time.perf_counter()
         if comm.is_driver:
-            coeffs = (losses - base) / self.mu * (self.coords.total / self.q)
+            coeffs = rge_coefficients((losses - base) / self.mu, self.coords.total)
             dtype = next(self.model.parameters()).dtype
             apply_update(rge_combine(coeffs, self.coords.total, (self.seed, step), dtype), x)
         share_state(comm, self.model)

@@ -4,19 +4,23 @@ Shard boundaries fall on query-group boundaries (multiples of ``query_batch`` fr
 start of each parameter), so every query is evaluated in the same stacked pass whatever
 the number of ranks or the costs: the gradient is bit-identical for any layout.
 All functions are pure: every rank computes the same layout from the same inputs.
+:func:`contiguous_split` is the one even split of zohpc (RGE directions, LIZO queries, test
+batches); :func:`balanced_bounds` the cost-balanced one of CGE coordinates.
 """
 
 from __future__ import annotations
 
 
-def contiguous_split(n: int, parts: int) -> list[int]:
-    """Boundaries of ``parts`` contiguous blocks of ``n`` items, sizes differing by at most one
-    (the larger blocks first). The one even split of zohpc (RGE directions, LIZO queries, test batches)."""
-    q, r = divmod(int(n), int(parts))
-    bounds = [0]
-    for i in range(int(parts)):
-        bounds.append(bounds[-1] + q + (1 if i < r else 0))
-    return bounds
+def contiguous_split(n: int, parts: int, granule: int = 1) -> list[int]:
+    """Bounds ``b[0]=0 <= ... <= b[parts]=n`` of ``parts`` contiguous blocks of ``n`` items.
+
+    Blocks are whole multiples of ``granule`` (but the last piece of ``n``) and their sizes
+    differ by at most one granule; the larger blocks come last (``floor(units * r / parts)``).
+    """
+    if parts < 1 or granule < 1 or n < 0:
+        raise ValueError(f"contiguous_split: need n >= 0, parts >= 1, granule >= 1 (got {n}, {parts}, {granule})")
+    units = -(-n // granule)
+    return [min(n, (units * r // parts) * granule) for r in range(parts + 1)]
 
 
 def balanced_bounds(counts: list[int], costs: list[float], parts: int, granule: int = 1) -> list[int]:
