@@ -135,3 +135,13 @@ def test_study_quick_two_ranks(tmp_path):
     for name in ("blackbox_attack.json", "blackbox_attack.txt", "blackbox_attack.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "blackbox_attack.json").read_text())["methods"] == result["methods"]
+
+
+def test_attack_task_trains_with_the_cli_and_lizo(tmp_path):
+    out = tmp_path / "run"
+    proc = run_ranks(1, ["-m", "zohpc.train", "--set", "task.name=zohpc.tasks.attack:build", "--set", "optim.name=lizo",
+                         "--set", "optim.lr=5", "--set", "task.epsilon=0.15",
+                         "--set", "prune.method=none", "--set", "train.epochs=30", "--out", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert done["event"] == "done" and done["final"]["success"] == 1.0 and done["final"]["margin"] < 0

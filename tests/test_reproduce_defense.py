@@ -115,3 +115,13 @@ def test_study_quick_two_ranks(tmp_path):
     assert result["noisy_accuracy"]["zo_ds"] > result["noisy_accuracy"]["none"]
     for name in ("certified_defense.json", "certified_defense.txt", "certified_defense.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_denoise_task_trains_with_the_cli_and_rge(tmp_path):
+    out = tmp_path / "run"
+    proc = run_ranks(2, ["-m", "zohpc.train", "--config", "configs/certified_defense.toml", "--set", "zo.estimator=rge",
+                         "--set", "task.classifier_epochs=2", "--set", "train.max_steps=3", "--out", str(out)],
+                     timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert done["event"] == "done" and done["queries"] > 0

@@ -35,7 +35,9 @@ PAPER = {
 }
 
 METHODS = ("none", "fo_ds", "zo_ds")
-LABELS = {"none": "no denoiser", "fo_ds": "FO-DS (white box)", "zo_ds": "ZO-DS (zohpc)", "zo_ae_ds": "ZO-AE-DS"}
+LABELS = {"none": "no denoiser", "fo_ds": "FO-DS (white box)", "zo_ds": "ZO-DS (zohpc)"}
+PAPER_LABELS = {"fo_ds": "FO-DS", "zo_ds": "ZO-DS (DeepZero)", "zo_ae_ds": "ZO-AE-DS"}
+COLORS = {"none": "tab:gray", "fo_ds": "tab:blue", "zo_ds": "tab:orange", "zo_ae_ds": "tab:green"}
 RADII = (0.0, 0.2, 0.4, 0.6)
 
 SETTINGS = {
@@ -151,7 +153,7 @@ def table(result: dict) -> str:
     phead = "".join(f"{'r=' + format(r, 'g'):>9s}" for r in PAPER["radii"])
     lines.append(f"{'paper (' + 'ImageNet-10' + ')':26s}{phead}")
     for m in ("fo_ds", "zo_ds", "zo_ae_ds"):
-        lines.append(f"{LABELS[m]:26s}" + "".join(f"{v:9.2f}" for v in PAPER["certified_accuracy"][m]))
+        lines.append(f"{PAPER_LABELS[m]:26s}" + "".join(f"{v:9.2f}" for v in PAPER["certified_accuracy"][m]))
     above, close = goal(result)
     lines.append("")
     lines.append(f"goal: ZO-DS above no denoiser at every radius: {'met' if above else 'not met'}; "
@@ -165,14 +167,14 @@ def plot(result: dict, path: str) -> None:
     plt = _pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     for m in METHODS:
-        line, = ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m])
-        ax.plot(result["radii"], [100 * v for v in result["certified_accuracy"][m]], "o", color=line.get_color())
+        ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m], color=COLORS[m])
+        ax.plot(result["radii"], [100 * v for v in result["certified_accuracy"][m]], "o", color=COLORS[m])
     ax.set_xlabel("L2 radius ([0, 1] pixels)")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_title(f"digits, sigma {result['sigma']}, n {result['n']}")
     ax.legend()
     for m in ("fo_ds", "zo_ds", "zo_ae_ds"):
-        bx.plot(PAPER["radii"], PAPER["certified_accuracy"][m], "o-", label=LABELS[m])
+        bx.plot(PAPER["radii"], PAPER["certified_accuracy"][m], "o-", label=PAPER_LABELS[m], color=COLORS[m])
     bx.set_xlabel("L2 radius")
     bx.set_ylabel("certified accuracy (%)")
     bx.set_title("paper: ImageNet-10, sigma 0.25")
