@@ -221,6 +221,7 @@ def plot(result: dict, path: str) -> None:
     for m in METHODS:
         ax.plot(result["curve_budgets"], [100 * v for v in result["methods"][m]["curve"]], label=LABELS[m])
     ax.axvline(result["budget"], color="0.6", lw=0.8, ls="--")
+    ax.axhline(100 * result["white_box_success_rate"], color="0.3", lw=0.8, ls=":", label="white box (ceiling)")
     ax.set_xlabel("query budget per image")
     ax.set_ylabel("attack success rate (%)")
     ax.set_title(f"black-box attack on digits, L-inf {result['epsilon']}")
