@@ -343,11 +343,11 @@ def test_inner_checks_catch_consistent_looking_damage(saved, tmp_path, case):
 
 
 # --------------------------------------------------------------------------- run directories
-def make_run(tmp_path, steps=(10, 20, 30)):
+def make_run(tmp_path, steps=(10, 20, 30), run_id=None):
     kw = checkpoint_kwargs()
     for s in steps:
         kw["step"] = s
-        save_checkpoint(checkpoint_path(tmp_path, s), **kw)
+        save_checkpoint(checkpoint_path(tmp_path, s, run_id), **kw)
     return kw
 
 
@@ -362,9 +362,12 @@ def test_list_find_prune_and_temporaries(tmp_path):
     warnings = []
     path, ck = find_resumable(tmp_path, warn=warnings.append)
     assert path == listed[0] and ck.step == 100 and warnings == []
-    removed = prune_checkpoints(tmp_path, keep=2)
-    assert removed == [listed[2]]
-    assert list_checkpoints(tmp_path) == listed[:2]
+    assert prune_checkpoints(tmp_path, keep=1, run_id="0123456789ab") == []  # names without our run id
+    make_run(tmp_path, steps=(5, 50), run_id="0123456789ab")
+    ours = [p for p in list_checkpoints(tmp_path) if p not in listed]
+    removed = prune_checkpoints(tmp_path, keep=1, run_id="0123456789ab")
+    assert removed == [ours[1]] and os.path.basename(ours[1]) == "ckpt-00000005-0123456789ab.h5"
+    assert sorted(list_checkpoints(tmp_path)) == sorted(listed + ours[:1])
     assert os.path.exists(leftover)  # not ours to judge: a writer may still be running
     assert list_checkpoints(tmp_path / "nowhere") == [] and find_resumable(tmp_path / "nowhere") is None
 

@@ -265,13 +265,6 @@ def test_generic_ops_fall_back_correctly():
             assert abs(got[q] - ref) <= 1e-12 * abs(ref), coords.param_names[pi]
 
 
-def test_measure_costs_positive():
-    m, x, y = _setup("digits_cnn", (1, 8, 8), 8, torch.float32)
-    coords = Coordinates(m)
-    costs = QueryEngine(m, query_batch=4).measure_costs(coords, x, y, repeats=1)
-    assert len(costs) == len(coords.param_names) and all(c > 0 for c in costs)
-
-
 def test_aliasing_and_in_place_paths():
     """Views, identities and repeated operands must not be corrupted by in-place updates."""
 
@@ -326,3 +319,104 @@ def test_bench_engine_smoke(capsys):
         assert res[key] > 0, key
     assert res["coords"] == 40
     assert res["max_rel_error"] <= 1e-5 and res["max_rel_error_block_reuse"] <= 1e-5
+    assert res["check_iprobe_coords_per_s"] > 0 and res["check_rate_limited_coords_per_s"] > 0
+
+
+@pytest.mark.parametrize("task", ["classify", "regress"])
+def test_bench_engine_task_smoke(capsys, task):
+    import json
+
+    from zohpc.bench import engine as bench
+
+    args = bench.build_parser().parse_args(
+        ["--model", "digits_cnn", "--batch", "8", "--coords", "40", "--task", task, "--costs", "--json"])
+    bench.run(None, args)
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == task and res["torch_objective_coords_per_s"] > 0
+    assert res["blackbox_slowdown"] == pytest.approx(
+        res["torch_objective_coords_per_s"] / res["blackbox_objective_coords_per_s"])
+    assert res["max_rel_error_blackbox_vs_torch"] <= 1e-5
+    assert -1 <= res["costs_spearman"] <= 1 and res["costs_total_ratio"] > 0
+
+
+def test_stop_check_between_passes_and_engine_usable_after():
+    from zohpc.stop import StepAbandoned
+
+    m, x, y = _setup("digits_cnn", (1, 8, 8), 8, torch.float64)
+    coords = Coordinates(m)
+    eng = QueryEngine(m, query_batch=8)
+    eng.prepare(x, y)
+    want = eng.losses(coords, 0, 100, 0.01)
+    calls = {"n": 0}
+
+    def counting():
+        calls["n"] += 1
+
+    eng.check = counting
+    eng.losses(coords, 0, 100, 0.01)
+    passes = len(list(eng._groups(coords, 0, 100, eng.batch_size)))
+    assert passes > 3 and calls["n"] == passes  # once per stacked pass
+
+    def stop_at_third():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise StepAbandoned("stop")
+
+    for run in (lambda: eng.losses(coords, 0, 100, 0.01), lambda: eng.central_losses(coords, 0, 100, 0.01)):
+        calls["n"] = 0
+        eng.check = stop_at_third
+        with pytest.raises(StepAbandoned):
+            run()
+        assert calls["n"] == 3
+    eng.check = counting
+    eng.prepare(x, y)  # usable after the abandoned step
+    assert torch.equal(eng.losses(coords, 0, 100, 0.01), want)
+
+
+def test_untraceable_model_one_line_reason():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(UserError) as info:
+        QueryEngine(Branchy())
+    msg = str(info.value)
+    assert msg.startswith("torch.fx cannot trace model Branchy: ") and "\n" not in msg and len(msg) < 220
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, z):
+            return self.fc(x + z)
+
+    with pytest.raises(UserError, match="model TwoInputs: forward takes 2 inputs"):
+        QueryEngine(TwoInputs())
+
+
+def test_constructor_has_no_process_wide_side_effects(monkeypatch):
+    import zohpc.zo.engine as engine_mod
+
+    def boom():
+        raise AssertionError("QueryEngine must not tune the allocator")
+
+    monkeypatch.setattr(engine_mod, "tune_malloc", boom)
+    m, x, y = _setup("digits_cnn", (1, 8, 8), 4, torch.float32)
+    QueryEngine(m).prepare(x, y)
+
+
+def test_import_installs_no_warning_filter():
+    import subprocess
+    import sys
+
+    code = ("import warnings, numpy, torch, torch.fx; before = list(warnings.filters); "
+            "import zohpc, zohpc.zo, zohpc.zo.engine, "
+            "zohpc.zo.costs, zohpc.bench.engine; assert warnings.filters == before, warnings.filters[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -113,7 +113,10 @@ def fake_slurm(tmp_path):
     for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)  # the python that imports this zohpc
+    # the python that imports this zohpc (a wrapper, not a symlink: a symlinked venv python
+    # outside its venv does not find the venv's packages)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     submit = tmp_path / "submit"
     submit.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_DIR": str(tmp_path),

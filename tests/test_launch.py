@@ -86,11 +86,11 @@ def test_other_entry_points_are_guarded(tmp_path, module, args):
     assert os.listdir(tmp_path) == []
 
 
-def test_two_ranks_with_wrong_launcher_size_exit_2_on_every_rank(tmp_path):
+def test_two_ranks_with_wrong_launcher_size_exit_2_once(tmp_path):
     # mpiexec itself sets PMI_SIZE=2; an OMPI_COMM_WORLD_SIZE from another launcher disagrees
     p = run_ranks(2, ["-m", "zohpc.train", "--out", str(tmp_path / "run")], timeout=120,
                   OMPI_COMM_WORLD_SIZE=4, PYTHONPATH=ROOT)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-    assert len(lines) == 2 and all("OMPI_COMM_WORLD_SIZE=4" in ln for ln in lines), p.stderr
+    assert len(lines) == 1 and "OMPI_COMM_WORLD_SIZE=4" in lines[0], p.stderr  # exit 2 on both, printed once
     assert not (tmp_path / "run").exists()

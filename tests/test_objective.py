@@ -65,6 +65,16 @@ def _autograd(m, x, y, fn):
     return torch.cat([p.grad.reshape(-1) for p in mm.parameters()])
 
 
+def _assert_all_coordinates_match(m, x, y, obj, query_batch, mu):
+    """Every coordinate's query through the engine equals the reference (MSE in torch, float64)."""
+    coords = Coordinates(m)
+    eng = QueryEngine(m, obj, query_batch=query_batch)
+    eng.prepare(x, y)
+    got = eng.losses(coords, 0, coords.total, mu)
+    refs = [reference(m, pi, f, mu, x, y, mse_torch) for pi, flat in coords.runs() for f in flat.tolist()]
+    assert torch.allclose(got, torch.tensor(refs, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 def test_cge_through_numpy_black_box_matches_autograd():
     m, x, y = _regression()
     coords = Coordinates(m)
@@ -138,13 +148,8 @@ def test_image_targets_and_a_non_logit_output():
     m = Denoise().double()
     x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
     y = torch.randn(4, 2, 6, 6, dtype=torch.float64)  # image targets
-    coords = Coordinates(m)
     for obj in (Objective(loss=mse_numpy, name="denoise"), Objective(batched=mse_batched, name="denoise")):
-        eng = QueryEngine(m, obj, query_batch=6)
-        eng.prepare(x, y)
-        got = eng.losses(coords, 0, coords.total, 0.03)
-        refs = [reference(m, pi, f, 0.03, x, y, mse_torch) for pi, flat in coords.runs() for f in flat.tolist()]
-        assert torch.allclose(got, torch.tensor(refs, dtype=torch.float64), rtol=1e-12, atol=0)
+        _assert_all_coordinates_match(m, x, y, obj, query_batch=6, mu=0.03)
 
 
 def test_generic_op_at_the_output():
@@ -163,12 +168,7 @@ def test_generic_op_at_the_output():
     m = Tail().double()
     x = torch.randn(7, 5, dtype=torch.float64)
     y = torch.randn(7, 6, dtype=torch.float64)
-    coords = Coordinates(m)
-    eng = QueryEngine(m, Objective(loss=mse_numpy), query_batch=4)
-    eng.prepare(x, y)
-    got = eng.losses(coords, 0, coords.total, 0.05)
-    refs = [reference(m, pi, f, 0.05, x, y, mse_torch) for pi, flat in coords.runs() for f in flat.tolist()]
-    assert torch.allclose(got, torch.tensor(refs, dtype=torch.float64), rtol=1e-12, atol=0)
+    _assert_all_coordinates_match(m, x, y, Objective(loss=mse_numpy), query_batch=4, mu=0.05)
 
 
 def _small():
@@ -239,3 +239,30 @@ def test_output_must_be_one_batched_tensor():
     eng = QueryEngine(Scalar(), Objective(loss=lambda o, t: o))
     with pytest.raises(ConfigError, match=r"output has shape \(\) for a batch of 4"):
         eng.prepare(torch.randn(4, 3), torch.zeros(4))
+
+
+def test_stop_check_between_black_box_copies():
+    """A slow black box (an external program per copy) is interrupted between copies."""
+    from zohpc.stop import StepAbandoned
+
+    m, x, y, coords = _small()
+    copies = {"n": 0}
+
+    def slow(out, t):
+        copies["n"] += 1
+        return mse_numpy(out, t)
+
+    eng = QueryEngine(m, Objective(loss=slow), query_batch=8)
+    eng.prepare(x, y)
+    checks = {"n": 0}
+
+    def stop_at_fifth():
+        checks["n"] += 1
+        if checks["n"] == 5:
+            raise StepAbandoned("stop")
+
+    eng.check = stop_at_fifth
+    copies["n"] = 0
+    with pytest.raises(StepAbandoned):
+        eng.losses(coords, 0, 8)
+    assert copies["n"] == 3  # check before the pass, then before copies 1..4: stopped before copy 4

@@ -73,7 +73,7 @@ def test_resume_after_one_epoch_is_exact(tmp_path, k):
 # process(es) at the N-th stop check of the phase; ":0" = on rank 0 only (the other rank
 # learns of it by the stop notice).
 PHASES = {
-    "pruning": ("masks:3", ["--set", "prune.method=zo_grasp", "--set", "prune.queries=64"]),
+    "pruning": ("masks:3", ["--set", "prune.method=zo_grasp", "--set", "prune.queries=256"]),
     "cost model": ("cost model:1", []),
     "mid-step": ("step:15", []),
     "mid-step rank 0 only": ("step:15:0", []),

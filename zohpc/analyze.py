@@ -50,7 +50,9 @@ import os
 import sys
 import tomllib
 
+from . import metrics as m
 from .errors import EXIT_USER_ERROR, CheckpointError, UserError
+from .metrics import parse_record
 
 SCHEMA_VERSION = 1
 PROG = "zohpc.analyze"
@@ -97,17 +99,18 @@ def _int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _finite(value) -> bool:
+    return _num(value) is not None
+
+
 def curves(records: list[dict]) -> dict:
     """Loss per step and test accuracy per eval, one point per step (the last record wins)."""
     loss, acc = {}, {}
-    for rec in records:
-        step = _int(rec.get("step"))
-        if step is None:
-            continue
-        if rec.get("event") == "step" and _num(rec.get("loss")) is not None:
-            loss[step] = float(rec["loss"])
-        elif rec.get("event") == "eval" and _num(rec.get("test_acc")) is not None:
-            acc[step] = float(rec["test_acc"])
+    for rec in map(parse_record, records):
+        if isinstance(rec, m.Step) and _finite(rec.loss):
+            loss[rec.step] = float(rec.loss)
+        elif isinstance(rec, m.Eval) and _finite(rec.test_acc):
+            acc[rec.step] = float(rec.test_acc)
     return {"loss_steps": sorted(loss), "loss": [loss[s] for s in sorted(loss)],
             "acc_steps": sorted(acc), "acc": [acc[s] for s in sorted(acc)]}
 
@@ -121,45 +124,41 @@ def _empty_summary(path: str, kind: str) -> dict:
 
 
 def _apply_metrics(summary: dict, records: list[dict]) -> dict:
-    steps = {}
-    evals = {}
-    done = None
-    times = []
-    for rec in records:
-        event = rec.get("event")
-        if _num(rec.get("time")) is not None:
-            times.append(float(rec["time"]))
-        if event == "start":
-            summary["model"] = rec.get("model") if isinstance(rec.get("model"), str) else summary["model"]
-            summary["ranks"] = _int(rec.get("ranks"))
-        elif event == "step" and _int(rec.get("step")) is not None:
-            steps[rec["step"]] = rec
-        elif event == "eval" and _int(rec.get("step")) is not None:
-            evals[rec["step"]] = rec
-        elif event == "done":
+    """Fill a summary from metric records (typed by :mod:`zohpc.metrics`; unknown ones skipped)."""
+    steps, done, times = {}, None, []
+    for obj in records:
+        if _num(obj.get("time")) is not None:
+            times.append(float(obj["time"]))
+        rec = parse_record(obj)
+        if isinstance(rec, m.Start):
+            summary["model"] = rec.model if isinstance(rec.model, str) else summary["model"]
+            summary["ranks"] = _int(rec.ranks)
+        elif isinstance(rec, m.Step) and _int(rec.step) is not None:
+            steps[rec.step] = rec
+        elif isinstance(rec, m.Done):
             done = rec
     c = curves(records)
     summary["steps_logged"], summary["evals_logged"] = len(c["loss"]), len(c["acc"])
     if steps:
         last = steps[max(steps)]
-        summary["step"], summary["epoch"] = last["step"], _int(last.get("epoch"))
-        summary["last_loss"] = _num(last.get("loss"))
-        summary["queries"] = sum(_int(r.get("queries")) or 0 for r in steps.values())
+        summary["step"], summary["epoch"] = last.step, _int(last.epoch)
+        summary["last_loss"] = _num(last.loss)
+        summary["queries"] = sum(_int(r.queries) or 0 for r in steps.values())
     if c["acc"]:
         summary["best_test_acc"], summary["last_test_acc"] = max(c["acc"]), c["acc"][-1]
     if times:
         summary["wall_seconds"] = max(times)
     if done is not None:
         summary["finished"] = True
-        for key, field in (("step", "step"), ("epoch", "epoch"), ("queries", "queries")):
-            if _int(done.get(key)) is not None:
-                summary[field] = done[key]
+        for field in ("step", "epoch", "queries"):
+            if _int(getattr(done, field)) is not None:
+                summary[field] = getattr(done, field)
         if summary["best_test_acc"] is None:
-            summary["best_test_acc"] = _num(done.get("best_test_acc"))
+            summary["best_test_acc"] = _num(done.best_test_acc)
         if summary["last_test_acc"] is None:
-            summary["last_test_acc"] = _num(done.get("final_test_acc"))
-        if _num(done.get("wall_seconds")) is not None:
-            summary["wall_seconds"] = float(done["wall_seconds"])
+            summary["last_test_acc"] = _num(done.final_test_acc)
+        if _num(done.wall_seconds) is not None:
+            summary["wall_seconds"] = float(done.wall_seconds)
     return summary
 
 

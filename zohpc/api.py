@@ -10,6 +10,7 @@ checkpoints, resume, metrics and exit codes as ``python -m zohpc.train``::
 from __future__ import annotations
 
 import sys
+import time
 
 from .comm import run_guarded
 from .config import Config, load_config, validate
@@ -43,9 +44,11 @@ def run(task, config=None, *, overrides=(), out: str | None = None, resume: str 
     """
     from .train import train
 
+    t_start = time.time()
+
     def entry(comm):
         cfg = comm.agree(_config, config, overrides, out)
-        return train(comm, cfg, task=task, resume=resume, save=save, prog="zohpc.run")
+        return train(comm, cfg, task=task, resume=resume, save=save, prog="zohpc.run", t_start=t_start)
 
     code, summary = run_guarded(entry, "zohpc.run")
     if code:

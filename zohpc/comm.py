@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -116,20 +117,27 @@ class Comm:
         ``counts[r]`` values), where ``work`` may raise StepAbandoned (a stop request).
 
         One flag per rank travels with the values: if any rank abandoned, every rank raises
-        StepAbandoned after the collective, so all ranks leave at the same point and the
-        next collective matches.
+        StepAbandoned after the collective; if ``work`` raised a UserError (a task's objective
+        failed) on any rank, every rank raises that rank's message. Either way all ranks leave
+        at the same point and the next collective matches.
         """
         from .stop import StepAbandoned
 
+        error = None
         try:
             local = work().to(torch.float64).reshape(-1)
             flag = 0.0
         except StepAbandoned:
             local = torch.full((counts[self.rank],), float("nan"), dtype=torch.float64)
             flag = 1.0
+        except UserError as exc:
+            local = torch.full((counts[self.rank],), float("nan"), dtype=torch.float64)
+            flag, error = 2.0, str(exc)
         buf = torch.cat([local.cpu(), torch.tensor([flag], dtype=torch.float64)]).contiguous()
         every = self.allgatherv(buf, [c + 1 for c in counts])
         ends = torch.tensor(counts, dtype=torch.int64).add(1).cumsum(0)
+        if bool((every[ends - 1] == 2).any()):
+            self.raise_if_any(error)
         if bool((every[ends - 1] > 0).any()):
             raise StepAbandoned()
         keep = torch.ones(every.shape[0], dtype=torch.bool)
@@ -233,6 +241,7 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            time.sleep(0.5)  # let the launcher forward this rank's message before it kills the job
             self.mpi.Abort(code)
         os._exit(code)
 

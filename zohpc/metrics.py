@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 @dataclass
 class Start:
     """A run began (written once per run)."""
-    ranks: int
-    model: str
-    params: int
-    masks: str
-    estimator: str
+    ranks: int = 1
+    model: str = ""
+    params: int = 0
+    masks: str = ""
+    estimator: str = ""
     task: str = "classify"
     time: float = 0.0
     event: str = "start"
@@ -50,11 +50,11 @@ class Masks:
 @dataclass
 class Step:
     step: int
-    epoch: int
-    loss: float
-    lr: float
-    queries: int
-    seconds: float
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    queries: int = 0
+    seconds: float | None = None
     rank_compute_seconds: list = field(default_factory=list)
     time: float = 0.0
     event: str = "step"
@@ -64,14 +64,15 @@ class Step:
 class Eval:
     step: int
     epoch: int
-    test_loss: float
+    test_loss: float | None = None
     metrics: dict = field(default_factory=dict)
+    test_acc: float | None = None  # the classify task's headline figure (metrics["accuracy"])
     time: float = 0.0
     event: str = "eval"
 
-    @property
-    def test_acc(self):
-        return self.metrics.get("accuracy")
+    def __post_init__(self):
+        if self.test_acc is None:
+            self.test_acc = self.metrics.get("accuracy")
 
 
 @dataclass
@@ -98,11 +99,19 @@ class Stopped:
 class Done:
     step: int
     epoch: int
-    best: dict
-    final: dict
-    queries: int
-    wall_seconds: float
+    best: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+    queries: int = 0
+    wall_seconds: float | None = None
+    best_test_acc: float | None = None
+    final_test_acc: float | None = None
     event: str = "done"
+
+    def __post_init__(self):
+        if self.best_test_acc is None:
+            self.best_test_acc = self.best.get("accuracy")
+        if self.final_test_acc is None:
+            self.final_test_acc = self.final.get("accuracy")
 
 
 RECORDS = {cls.__dataclass_fields__["event"].default: cls
@@ -110,13 +119,7 @@ RECORDS = {cls.__dataclass_fields__["event"].default: cls
 
 
 def to_json(record) -> dict:
-    out = dataclasses.asdict(record)
-    if isinstance(record, Eval) and record.test_acc is not None:
-        out["test_acc"] = record.test_acc  # the classify task's headline figure, at top level
-    if isinstance(record, Done):
-        out["best_test_acc"] = record.best.get("accuracy")
-        out["final_test_acc"] = record.final.get("accuracy")
-    return out
+    return dataclasses.asdict(record)
 
 
 def parse_record(obj: dict):

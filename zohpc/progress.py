@@ -83,20 +83,21 @@ class Progress:
                   file=self.stream, flush=True)
 
     def inside_step(self, step: int):
-        """A callback(done, total) for the query groups of this rank's shard: a line every
-        10 s while a long step runs (only the first step of a segment, before rates exist)."""
+        """A callback(done, total, fraction) for the stacked passes of rank 0's shard (fraction:
+        of the predicted cost): a line every 10 s while a long step runs (only the first step
+        of a segment, before rates exist)."""
         if not self.enabled or self.steps_done > 0:
             return None
         t0 = time.perf_counter()
         self.inner_last = t0
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, fraction: float) -> None:
             now = time.perf_counter()
-            if now - self.inner_last >= 10.0 and total:
+            if now - self.inner_last >= 10.0 and total and fraction > 0:
                 self.inner_last = now
-                eta = (now - t0) / max(done, 1) * (total - done)
-                self.say(f"step {step + 1}: {done}/{total} query groups of rank 0's shard "
-                         f"({100.0 * done / total:.0f}%), {now - t0:.0f} s, step ETA {_hms(eta)}")
+                eta = (now - t0) / fraction * (1.0 - fraction)
+                self.say(f"step {step + 1}: {done}/{total} stacked passes of rank 0's shard "
+                         f"({100.0 * fraction:.0f}% of its predicted work), {now - t0:.0f} s, step ETA {_hms(eta)}")
         return report
 
     def close(self) -> None:

@@ -121,10 +121,12 @@ def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int
     """
     fwd = StackedForward(model, cross_entropy64 if objective is None else objective, query_batch)
     d, parts = fwd.dim, (int(seed),)
-    f0 = float(fwd.prepare(x, y))
+    # every rank computes the base losses; a task error there is reported on every rank (exit 2)
+    prepare = fwd.prepare if comm is None else (lambda *a, **k: comm.agree(fwd.prepare, *a, **k))
+    f0 = float(prepare(x, y))
     d0 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f0) / mu
     g0 = rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG)
-    f1 = float(fwd.prepare(x, y, center=_flat_params(model).double() + mu * g0))
+    f1 = float(prepare(x, y, center=_flat_params(model).double() + mu * g0))
     d1 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f1) / mu
     hg = rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG)  # (g1 - g0) / mu
     return _unflatten(model, g0), _unflatten(model, hg)

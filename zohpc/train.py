@@ -66,9 +66,13 @@ def setup_logging(run_dir: str, comm) -> None:
 
 
 def train(comm, cfg: Config, *, task=None, resume: str | None = None, save: bool = True,
-          prog: str = "zohpc.train") -> tuple[int, dict | None]:
-    """One segment of a run: returns (exit code, summary). Stop signals are handled while it runs."""
-    t_process = process_start()
+          prog: str = "zohpc.train", t_start: float | None = None) -> tuple[int, dict | None]:
+    """One segment of a run: returns (exit code, summary). Stop signals are handled while it runs.
+
+    ``t_start``: the wall-clock time start-up is counted from (default: when the process
+    started; ``zohpc.run`` passes the time of its call, so several runs in one script each
+    count their own)."""
+    t_process = process_start() if t_start is None else t_start
     progress = Progress(comm.is_driver, cfg.train.log_every_seconds, prog)
     stop = StopRequest(comm).install()
     try:
@@ -88,7 +92,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
     plan = comm.agree(plan_start, cfg, resume, warn) if save else Plan(run_id="", checkpoint=None, changed=[])
     with progress.phase("runtime"):
         runtime = setup_runtime(comm, cfg.train.device)
-    with progress.phase("task", cfg.task.name):
+    with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
         task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
         trainer = comm.agree(Trainer, task, cfg, comm, runtime, stop=stop, progress=progress)
         share_state(comm, trainer.model)  # identical replicas, whatever the factory did per rank

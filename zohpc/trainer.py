@@ -265,8 +265,18 @@ class Trainer:
         from .zo.costs import calibrated_costs
 
         x, y = self._first_batch()
-        local = stoppable(self.stop, lambda: calibrated_costs(engine, coords, x, y,
-                                                              check=self.stop.check if self.stop else no_check))
+        error = None
+
+        def work():
+            nonlocal error
+            try:
+                return calibrated_costs(engine, coords, x, y, check=self.stop.check if self.stop else no_check)
+            except UserError as exc:  # the task's objective failed: every rank reports it below
+                error = f"{exc} (cost model, before step 1)"
+                return [0.0] * len(coords.counts)
+
+        local = stoppable(self.stop, work)
+        self.comm.raise_if_any(error)
         costs = torch.tensor(local, dtype=torch.float64)
         self.comm.allreduce_sum_(costs)
         return (costs / self.comm.size).tolist()

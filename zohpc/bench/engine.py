@@ -9,9 +9,9 @@
   one-channel deltas, ``query_batch`` stacked copies).
 
 All three use BatchNorm batch statistics and leave running statistics alone, and run in one
-process with the same allocator setting (the engine's tune_malloc is process-wide, so the
-baselines profit from it too). --baseline-channels-last also gives the baselines the NHWC
-memory order the engine uses. The coordinate
+process with the same allocator setting (the bench calls tune_malloc first, as a run's
+set-up does; it is process-wide, so the baselines profit from it too).
+--baseline-channels-last also gives the baselines the NHWC memory order the engine uses. The coordinate
 set is a seeded uniform sample over all parameter entries (what a random mask of that density
 selects), so layers are represented in proportion to their size. Times include the one
 unperturbed forward that block reuse and the engine need per minibatch.
@@ -20,6 +20,20 @@ engine_gflops counts the conv/linear FLOPs (2 x multiply-adds) that the engine a
 executes for the queries (one-channel delta convs, full convs downstream, the final linear);
 elementwise, BatchNorm and pooling work is not counted. naive_gflops counts the same kind of
 FLOPs for the full forward passes of the naive method.
+
+Stop check: the engine is also timed with a stop check between stacked passes that reads a
+flag and calls MPI Iprobe every time (``check_iprobe``), and one that calls Iprobe at most
+every 0.1 s (``check_rate_limited``); ``check_*_overhead`` is the relative slow-down
+against no check (noise level: compare with repeats > 1), ``check_*_ns_per_call`` the cost
+of one call, to compare with ``seconds_per_pass``.
+
+--task classify|regress: the cost of a black-box objective. The engine runs the same
+coordinates with the torch objective (classify: the built-in cross entropy; regress: mean
+squared error to (batch, classes) float targets, vectorized over copies) and with the same
+objective computed per copy in numpy on detached outputs; the baselines are skipped.
+
+--costs: the cost model (zohpc.zo.costs): calibration seconds, and predicted against
+measured seconds per query of every parameter (Spearman rank correlation, total ratio).
 """
 
 from __future__ import annotations
@@ -30,13 +44,19 @@ import json
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..comm import world
 from ..errors import ConfigError
 from ..models import MODEL_NAMES, build_model
-from ..zo import Coordinates, QueryEngine
+from ..stop import StepAbandoned, no_check
+from ..zo import Coordinates, Objective, QueryEngine, tune_malloc
+from ..zo.costs import calibrate, measured_costs
+
+TASKS = ("classify", "regress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time engine and block reuse this many times, interleaved, and keep the fastest")
     p.add_argument("--baseline-channels-last", action="store_true",
                    help="run naive and block reuse in NHWC memory order too (default: PyTorch's NCHW, as DeepZero)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="compare a black-box numpy objective with the torch one (skips the baselines)")
+    p.add_argument("--costs", action="store_true", help="also evaluate the cost model against timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -194,9 +217,92 @@ def _matmul_gflops(dtype, seconds=0.3):
         torch.set_num_threads(old)
 
 
+def _iprobe_check(comm, every: float = 0.0):
+    """A stop check as a run installs it: a flag set by a signal handler, and MPI Iprobe for a
+    stop announced by another rank (at most every ``every`` seconds; 0: every call)."""
+    mpi = (comm or world()).mpi
+    flag = {"stop": False}
+    last = [0.0]
+
+    def check():
+        if flag["stop"]:
+            raise StepAbandoned("stop requested")
+        if every:
+            now = time.monotonic()
+            if now - last[0] < every:
+                return
+            last[0] = now
+        if mpi.Iprobe():
+            flag["stop"] = True  # (a real check would receive the announcement first)
+            raise StepAbandoned("stop announced")
+
+    return check
+
+
+def _ns_per_call(check, calls: int = 20000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        check()
+    return (time.perf_counter() - t0) / calls * 1e9
+
+
+def _time_engine(engine, x, y, coords, mu, dev):
+    """Seconds of one minibatch: prepare and every query (what a rank runs per step)."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    engine.prepare(x, y)
+    engine.flops = 0
+    losses = engine.losses(coords, 0, coords.total, mu)
+    _sync(dev)
+    return time.perf_counter() - t0, losses
+
+
+def _numpy_cross_entropy(out, t):
+    """Mean cross entropy of one copy in numpy (a black box: detached values, no autograd)."""
+    z = out.detach().cpu().double().numpy()
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(len(z)), t.cpu().numpy()]))
+
+
+def _numpy_mse(out, t):
+    return float(np.mean((out.detach().cpu().double().numpy() - t.cpu().double().numpy()) ** 2))
+
+
+def _torch_mse(out, t):
+    return ((out - t.unsqueeze(0)) ** 2).flatten(1).mean(1)
+
+
+def _task_objectives(task, args, gen, dev, dtype):
+    """(targets, torch objective, numpy black-box objective) of a bench task."""
+    if task == "classify":
+        y = torch.randint(0, args.classes, (args.batch,), generator=gen).to(dev)
+        return y, Objective(name=task), Objective(loss=_numpy_cross_entropy, name=task)
+    y = torch.randn(args.batch, args.classes, generator=gen, dtype=dtype).to(dev)
+    return y, Objective(batched=_torch_mse, name=task), Objective(loss=_numpy_mse, name=task)
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _cost_model(engine, coords, x, y):
+    cal = calibrate(engine, coords, x, y)
+    t0 = time.perf_counter()
+    meas = np.array(measured_costs(engine, coords, x, y, repeats=2))  # min of 2: the first pass warms up
+    t_meas = time.perf_counter() - t0
+    pred = np.array(cal.costs(engine, coords))
+    act = [pi for pi, n in enumerate(coords.counts) if n > 0]
+    return {"costs_calibration_s": cal.seconds, "costs_calibration_samples": len(cal.samples),
+            "costs_measure_all_s": t_meas, "costs_spearman": _spearman(pred[act], meas[act]),
+            "costs_total_ratio": float(pred[act].sum() / meas[act].sum())}
+
+
 def run(comm, args) -> dict:
     if args.threads < 1 or args.batch < 1 or args.coords < 1:
         raise ConfigError("options --threads, --batch, --coords must be >= 1")
+    malloc_tuned = tune_malloc()
     torch.set_num_threads(args.threads)
     shape = _parse_shape(args.input) if args.input else ((1, 8, 8) if args.model == "digits_cnn" else (3, 32, 32))
     dtype = getattr(torch, args.dtype)
@@ -209,34 +315,72 @@ def run(comm, args) -> dict:
     n = min(args.coords, sum(p.numel() for p in model.parameters()))
     coords = Coordinates(model, _sample_masks(model, n, gen))
     kw = {} if args.query_batch is None else {"query_batch": args.query_batch}
-    engine = QueryEngine(model, **kw)
     mu = args.mu
+    res = {
+        "model": args.model, "input": "x".join(map(str, shape)), "batch": args.batch, "coords": coords.total,
+        "params": sum(p.numel() for p in model.parameters()), "threads": args.threads,
+        "malloc_tuned": malloc_tuned, "repeats": args.repeats, "dtype": args.dtype, "device": str(dev), "mu": mu,
+    }
+    if args.task:
+        res.update(_run_task(model, x, coords, mu, dev, dtype, gen, kw, args))
+    else:
+        res.update(_run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args))
+    if args.costs:
+        res.update(_cost_model(QueryEngine(model, **kw), coords, x, y))
+    res["matmul_1thread_gflops"] = _matmul_gflops(dtype)
+    if args.json:
+        print(json.dumps(res), flush=True)
+    else:
+        for k, v in res.items():
+            print(f"{k:34s} {v:.6g}" if isinstance(v, float) else f"{k:34s} {v}")
+    return 0
 
+
+def _run_task(model, x, coords, mu, dev, dtype, gen, kw, args) -> dict:
+    y, obj_torch, obj_numpy = _task_objectives(args.task, args, gen, dev, dtype)
+    engines = {"torch": QueryEngine(model, obj_torch, **kw), "blackbox": QueryEngine(model, obj_numpy, **kw)}
+    for eng in engines.values():  # warm-up
+        eng.prepare(x, y)
+        eng.losses(coords, 0, min(coords.total, 2 * eng.query_batch), mu)
+    best = {k: math.inf for k in engines}
+    losses = {}
+    for _ in range(max(1, args.repeats)):
+        for k, eng in engines.items():
+            t, losses[k] = _time_engine(eng, x, y, coords, mu, dev)
+            best[k] = min(best[k], t)
+    rel = ((losses["blackbox"] - losses["torch"]).abs() / losses["torch"].abs()).max().item()
+    return {"task": args.task, "query_batch": engines["torch"].query_batch,
+            "torch_objective_coords_per_s": coords.total / best["torch"],
+            "blackbox_objective_coords_per_s": coords.total / best["blackbox"],
+            "blackbox_slowdown": best["blackbox"] / best["torch"],
+            "max_rel_error_blackbox_vs_torch": rel}
+
+
+def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
+    engine = QueryEngine(model, **kw)
+    checks = {"none": no_check, "iprobe": _iprobe_check(comm), "rate_limited": _iprobe_check(comm, 0.1)}
     # warm-up (allocator, oneDNN primitive caches) on a few coordinates, then timed runs
     engine.prepare(x, y)
     engine.losses(coords, 0, min(coords.total, 2 * engine.query_batch), mu)
-    t_engine = t_block = math.inf
+    t_block = math.inf
+    t_check = {k: math.inf for k in checks}
     for _ in range(max(1, args.repeats)):
-        _sync(dev)
-        t0 = time.perf_counter()
-        engine.prepare(x, y)
-        engine.flops = 0
-        eng_losses = engine.losses(coords, 0, coords.total, mu)
-        _sync(dev)
-        t_engine = min(t_engine, time.perf_counter() - t0)
-        flops = engine.flops
+        for k, check in checks.items():  # interleaved: drifts of a shared machine hit all alike
+            engine.check = check
+            t, losses = _time_engine(engine, x, y, coords, mu, dev)
+            t_check[k] = min(t_check[k], t)
+            if k == "none":
+                eng_losses, flops = losses, engine.flops
         t0 = time.perf_counter()
         blk_losses = _block_reuse(model, coords, x, y, mu, args.baseline_channels_last)
         _sync(dev)
         t_block = min(t_block, time.perf_counter() - t0)
+    engine.check = no_check
+    t_engine = t_check["none"]
     fwd_flops = _forward_flops(engine)
-
     res = {
-        "model": args.model, "input": "x".join(map(str, shape)), "batch": args.batch, "coords": coords.total,
-        "params": sum(p.numel() for p in model.parameters()), "threads": args.threads,
         "query_batch": engine.query_batch, "max_elements": engine.max_elements,
-        "baseline_channels_last": args.baseline_channels_last, "repeats": args.repeats,
-        "dtype": args.dtype, "device": str(dev), "mu": mu,
+        "baseline_channels_last": args.baseline_channels_last,
         "engine_s": t_engine, "block_reuse_s": t_block,
         "engine_coords_per_s": coords.total / t_engine,
         "block_reuse_coords_per_s": coords.total / t_block,
@@ -245,7 +389,15 @@ def run(comm, args) -> dict:
         "engine_gflops": flops / t_engine / 1e9,
         "forward_gflop": fwd_flops / 1e9,
         "engine_flops_per_query_vs_forward": flops / coords.total / fwd_flops,
+        "stacked_passes": sum(1 for _ in engine._groups(coords, 0, coords.total, engine.batch_size)),
+        "check_iprobe_coords_per_s": coords.total / t_check["iprobe"],
+        "check_rate_limited_coords_per_s": coords.total / t_check["rate_limited"],
+        "check_iprobe_overhead": t_check["iprobe"] / t_engine - 1,
+        "check_rate_limited_overhead": t_check["rate_limited"] / t_engine - 1,
+        "check_iprobe_ns_per_call": _ns_per_call(checks["iprobe"]),
+        "check_rate_limited_ns_per_call": _ns_per_call(checks["rate_limited"]),
     }
+    res["seconds_per_pass"] = t_engine / res["stacked_passes"]
     if not args.skip_naive:
         t0 = time.perf_counter()
         naive_losses = _naive(model, coords, x, y, mu, args.baseline_channels_last)
@@ -261,15 +413,7 @@ def run(comm, args) -> dict:
         })
     else:
         res["max_rel_error_vs_block_reuse"] = ((eng_losses - blk_losses).abs() / blk_losses.abs()).max().item()
-    res["matmul_1thread_gflops"] = _matmul_gflops(dtype)
-    if args.json:
-        print(json.dumps(res), flush=True)
-    else:
-        for k, v in res.items():
-            print(f"{k:34s} {v:.6g}" if isinstance(v, float) else f"{k:34s} {v}")
-    return 0
-
-
+    return res
 
 
 __all__ = ["run", "build_parser"]

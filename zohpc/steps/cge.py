@@ -63,15 +63,17 @@ class CGEStep:
     def queries_per_step(self) -> int:
         return self.coords.total * (2 if self.difference == "central" else 1)
 
-    def _groups_in_shard(self) -> int:
+    def _group_costs(self) -> list[float]:
+        """Predicted seconds of each stacked pass of this rank's shard, in order (for progress)."""
         start, stop = self.shard
-        total = 0
+        out = []
         for pi, flat in self.coords.runs(start, stop):
             per = self.engine.batch_size(pi)
             if self.difference == "central":
                 per = max(1, per // 2)
-            total += -(-len(flat) // per)
-        return total
+            n = len(flat)
+            out += [self.costs[pi] * min(per, n - i) for i in range(0, n, per)]
+        return out
 
     # ---- one step ---------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, apply_update) -> StepResult:
@@ -142,14 +144,17 @@ class CGEStep:
         report = self.progress if self.comm.is_driver else None
         if report is None:
             return stop_check or (lambda: None)
-        total = self._groups_in_shard()
-        done = [0]
+        costs = self._group_costs()
+        total = sum(costs) or 1.0
+        state = {"i": 0, "done": 0.0}
 
         def check():
             if stop_check is not None:
                 stop_check()
-            report(done[0], total)
-            done[0] += 1
+            report(state["i"], len(costs), state["done"] / total)
+            if state["i"] < len(costs):
+                state["done"] += costs[state["i"]]
+            state["i"] += 1
 
         return check
 
@@ -162,6 +167,7 @@ def choose_features_mode(comm, engine, x: torch.Tensor, y: torch.Tensor) -> str:
     """
     if comm.size == 1:
         return "recompute"
+    comm.agree(engine.prepare, x, y)  # warm; a task error here is reported on every rank
     t0 = time.perf_counter()
     engine.prepare(x, y)
     t_prepare = comm.allreduce_max(time.perf_counter() - t0)

@@ -85,6 +85,7 @@ def as_pair(data, task: str, split: str):
 
 
 def check_task(task, name: str) -> Task:
+    """``task`` checked field by field, its data as tensor pairs, and one probe (see :func:`probe`)."""
     if not isinstance(task, Task):
         raise UserError(f"task '{name}': the factory returned {type(task).__name__}, not a zohpc.tasks.Task")
     if task.name == "task":
@@ -93,11 +94,79 @@ def check_task(task, name: str) -> Task:
         raise UserError(f"task '{name}': model is {type(task.model).__name__}, not a torch.nn.Module")
     if not any(True for _ in task.model.parameters()):
         raise UserError(f"task '{name}': the model has no parameters to train")
-    if task.loss is not None and not callable(task.loss):
-        raise UserError(f"task '{name}': loss is not callable")
+    for field_name in ("loss", "batched_loss", "metrics", "augment"):
+        value = getattr(task, field_name)
+        if value is not None and not callable(value):
+            raise UserError(f"task '{name}': {field_name} is {type(value).__name__}, not callable")
     task.train = as_pair(task.train, name, "train")
     task.test = as_pair(task.test, name, "test")
+    if task.test is not None:
+        for what, a, b in (("inputs", task.train[0], task.test[0]), ("targets", task.train[1], task.test[1])):
+            if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+                raise UserError(f"task '{name}': test {what} have shape {tuple(b.shape[1:])} per example, "
+                                f"train {what} {tuple(a.shape[1:])}")
+    probe(task, name)
     return task
+
+
+PROBE_EXAMPLES = 8  # examples in the probe batch (few: the probe must cost nothing next to a step)
+
+
+@torch.no_grad()
+def probe(task: Task, name: str) -> None:
+    """Two unperturbed copies of the model on a few training examples, through the objective
+    and the metrics, as a query sees them (BatchNorm on batch statistics, nothing updated).
+
+    A model that does not fit the data, an objective that returns the wrong shape or NaN at
+    the initial parameters, or metrics that fail: one line naming the task, before any heavy
+    work (a plug-in's mistakes otherwise surface in the middle of the first step or epoch).
+    """
+    from ..zo.batchnorm import batch_stats_only
+    from ..zo.objective import Objective
+
+    x, y = task.train
+    k = min(PROBE_EXAMPLES, x.shape[0])
+    xb, yb = x[:k], y[:k]
+    first = next(task.model.parameters())
+    try:
+        if task.augment is not None:
+            xb = task.augment(xb, 0, 0)
+            if not isinstance(xb, torch.Tensor):
+                raise TypeError(f"augment returned {type(xb).__name__}, not a tensor")
+        xb = xb.to(first.device)
+        if xb.is_floating_point():
+            xb = xb.to(first.dtype)
+        with batch_stats_only(task.model):
+            out = task.model(xb)
+    except Exception as exc:  # noqa: BLE001 - the plug-in's model or augment is the user's to fix
+        raise UserError(f"task '{name}': the model fails on {k} training inputs of shape "
+                        f"{tuple(x.shape[1:])} ({_one_line(exc)})") from None
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"task '{name}': the model returns {type(out).__name__}, not a tensor")
+    yb = yb.to(out.device)
+    if task.loss is None and task.batched_loss is None:
+        if out.dim() != 2 or yb.dim() != 1 or yb.is_floating_point() or yb.dtype == torch.bool:
+            raise UserError(f"task '{name}': no loss given, so the objective is cross entropy over class labels, "
+                            f"which needs outputs (B, classes) and integer targets (B,); got outputs "
+                            f"{tuple(out.shape)} and {yb.dtype} targets {tuple(yb.shape)}")
+        if int(yb.min()) < 0 or int(yb.max()) >= out.shape[1]:
+            raise UserError(f"task '{name}': class labels must lie in [0, {out.shape[1]}) for a model with "
+                            f"{out.shape[1]} outputs; got labels {int(yb.min())}..{int(yb.max())}")
+    objective = Objective(task.loss, task.batched_loss, name)
+    try:
+        objective(torch.cat([out, out]), yb, 2)
+    except UserError as exc:
+        raise UserError(f"{exc} (at the initial parameters, before training)") from None
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"task '{name}': the objective fails on the model's outputs {tuple(out.shape)} "
+                        f"({_one_line(exc)})") from None
+    if task.metrics is not None:
+        try:
+            values = task.metrics(out, yb)
+            _ = {str(key): float(v) for key, v in dict(values).items()}
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"task '{name}': metrics failed ({_one_line(exc)}); they must return a dict of "
+                            "name -> number") from None
 
 
 def build_task(cfg) -> Task:

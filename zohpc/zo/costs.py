@@ -127,9 +127,9 @@ def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check
     """Time a few representative parameters and fit seconds per query against :func:`plan_flops`.
 
     ``x``, ``y``: a minibatch of the real shape (the engine is prepared on it); None: use the
-    engine's current minibatch. The most expensive and the cheapest parameter are always timed;
-    others while the budget lasts (a sample is skipped when the fit so far predicts it would
-    overrun). ``check()`` is called between timings (stop requests).
+    engine's current minibatch. The most expensive, the cheapest and the median parameter are
+    always timed (one pass each at least); others while the budget lasts (a sample is skipped
+    when the fit so far predicts it would overrun). ``check()`` is called between timings.
     """
     t_start = time.perf_counter()
     engine._check_coords(coords)
@@ -147,9 +147,9 @@ def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check
     samples = []
     for k, pi in enumerate(order):
         left = budget_seconds - (time.perf_counter() - t_start)
-        if k >= 2 and left <= 0:
+        if k >= 3 and left <= 0:
             break
-        if k >= 2:
+        if k >= 3:
             a, b = _fit([(f, s) for _, f, s in samples])
             guess = (a * flops[pi] + b) * min(engine.batch_size(pi), coords.counts[pi])
             if guess > left:

@@ -20,16 +20,22 @@ How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer fo
 * The perturbed layer itself is incremental: W[o, c, i, j] += s changes output channel o by
   s times a shifted slice of input channel c; a bias or a BatchNorm weight/bias by s or
   s * x_hat.
+* The model's output, stacked (Q*B, ...), goes through the task's objective
+  (:class:`~zohpc.zo.objective.Objective`: Q loss values; a black box is called per copy).
+  Targets may have any shape and dtype; the engine only hands them to the objective.
+* Which representation every node of a plan takes is decided from shapes alone when the
+  input shape is first seen (``_plan_work``): it fixes the copies per pass and gives the
+  work of a query that the cost model (zohpc.zo.costs) calibrates.
 
 The parameters are never modified; queries are functional. BatchNorm always uses batch
 statistics of each copy (training-mode semantics) and never touches running statistics.
+Nothing process-wide is changed: a run's set-up calls :func:`tune_malloc` itself.
 
 CPU performance notes (measured, see zohpc.bench.engine): activations are kept channels-last
-(oneDNN convs 1.5-3x faster), glibc is told to recycle large blocks (tune_malloc), the
-stacked copies per pass are capped so tensors stay cache-sized (max_elements), tensors that
-die at a ReLU or an addition are updated in place, and a few ATen CPU kernels that are slow
-for these shapes are replaced by exact equivalents (strided max-pool, Welford-free stats,
-logsumexp cross entropy).
+(oneDNN convs 1.5-3x faster), glibc should recycle large blocks (tune_malloc), the stacked
+copies per pass are capped so tensors stay cache-sized (max_elements), tensors that die at a
+ReLU or an addition are updated in place, and a few ATen CPU kernels that are slow for these
+shapes are replaced by exact equivalents (strided max-pool, Welford-free stats).
 """
 
 from __future__ import annotations
@@ -45,7 +51,6 @@ from torch.fx.node import map_arg
 
 from ..errors import ConfigError
 from ..stop import no_check
-from .costs import measured_costs
 from .objective import Objective
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +151,7 @@ class _Plan:
         self.moves = 0  # elements read or written by the other ops
         self.pass_ops = 0  # ops dispatched once per stacked pass
         self.copy_ops = 0  # ops dispatched once per copy (ops the engine runs copy by copy)
+        self.reps: dict = {}  # node -> representation its query value takes (tests compare with real queries)
 
 
 _MALLOC_TUNED = False
@@ -157,7 +163,8 @@ def tune_malloc() -> bool:
     Query passes allocate and free many activation-sized tensors; with glibc's defaults each
     large one is a fresh mmap whose first touch page-faults, which costs more than the
     arithmetic (measured 2-4 ns per element vs 0.2-0.6). Process-wide, idempotent; a no-op
-    where glibc is not the allocator. Returns whether the setting was applied.
+    where glibc is not the allocator. Never called by the engine: a run's set-up (or a
+    benchmark) calls it visibly. Returns whether the setting was applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -394,6 +401,7 @@ class QueryEngine:
         real queries.
         """
         plan.elems = plan.flops = plan.moves = plan.pass_ops = plan.copy_ops = 0
+        plan.reps = {}
         if not plan.reaches_loss:
             return
         env = self.env
@@ -443,7 +451,7 @@ class QueryEngine:
                     r = generic(n)
             else:
                 r = self._step_work(n, sim, numel, chan_elems, add, materialize, generic)
-            sim[n] = r
+            sim[n] = plan.reps[n] = r
             if r == "per":
                 plan.copy_ops += 1
             else:
@@ -1204,7 +1212,7 @@ class QueryEngine:
         self.last_elems = -(-big // Q)
         r = reps[self.output_node]
         out = torch.cat(r.vals) if isinstance(r, _Per) else self._materialize(self.output_node, r, Q)
-        return self.objective(out, self.y, Q)
+        return self.objective(out, self.y, Q, self.check)
 
     def _check_coords(self, coords):
         if list(coords.param_names) != self.param_names:
@@ -1261,7 +1269,3 @@ class QueryEngine:
             plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
             pos += k
         return plus, minus
-
-    def measure_costs(self, coords, x, y, repeats: int = 2, only=None) -> list:
-        """Seconds per query of each parameter, each timed: :func:`zohpc.zo.costs.measured_costs`."""
-        return measured_costs(self, coords, x, y, repeats, only, self.check)

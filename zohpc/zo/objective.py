@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..stop import no_check
 
 
 class ObjectiveError(UserError):
@@ -75,8 +76,12 @@ class Objective:
             raise self._fail(f"loss returned {type(value).__name__} for one copy (must be a float or a 0-dim tensor)")
         return torch.tensor(float(value), dtype=dtype, device=device)
 
-    def __call__(self, outputs: torch.Tensor, targets, Q: int = 1) -> torch.Tensor:
-        """Loss of each of the Q copies stacked along dim 0 of ``outputs``."""
+    def __call__(self, outputs: torch.Tensor, targets, Q: int = 1, check=no_check) -> torch.Tensor:
+        """Loss of each of the Q copies stacked along dim 0 of ``outputs``.
+
+        ``check``: called before each per-copy call of a black box (a stop check: an external
+        program per copy can take long), so a stop request is answered within one copy.
+        """
         if self.is_default:
             values = self._cross_entropy(outputs, targets, Q)
         elif self.batched is not None:
@@ -95,6 +100,7 @@ class Objective:
             chunks = outputs.reshape(Q, outputs.shape[0] // Q, *outputs.shape[1:])
             out = []
             for q in range(Q):
+                check()
                 try:
                     value = self.loss(chunks[q], targets)
                 except UserError:
