@@ -77,6 +77,10 @@ PHASES = {
     "cost model": ("cost model:1", []),
     "mid-step": ("step:15", []),
     "mid-step rank 0 only": ("step:15:0", []),
+    "rge mid-step": ("step:3:0", ["--set", "zo.estimator=rge", "--set", "optim.lr=0.01", "--set",
+                                  "prune.method=none"]),
+    "lizo mid-step": ("step:13", ["--set", "optim.name=lizo", "--set", "optim.lr=0.5", "--set",
+                                  "prune.method=none"]),
 }
 
 
