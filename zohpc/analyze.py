@@ -53,15 +53,10 @@ import tomllib
 from . import metrics as m
 from .errors import EXIT_USER_ERROR, CheckpointError, UserError
 from .metrics import parse_record
+from .plotting import PlotUnavailable, pyplot, save_figure  # noqa: F401 - PlotUnavailable re-exported
 
 SCHEMA_VERSION = 1
 PROG = "zohpc.analyze"
-PLOT_HINT = "--plot needs matplotlib: pip install matplotlib (or pip install 'zohpc[plot]')"
-
-
-class PlotUnavailable(UserError):
-    """matplotlib is missing."""
-
 
 # --------------------------------------------------------------------------- reading
 def read_metrics_jsonl(path: str, warnings: list[str]) -> list[dict]:
@@ -404,20 +399,9 @@ def to_json(summaries: list[dict]) -> str:
     return json.dumps({"schema_version": SCHEMA_VERSION, "runs": summaries}, indent=2, allow_nan=False)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotUnavailable(PLOT_HINT) from None
-    return plt
-
-
 def plot(summaries: list[dict], histories: list[list[dict]], out: str) -> None:
     """Loss per step (left) and test accuracy per eval (right), one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, records in zip(_labels(summaries), histories):
         c = curves(records)
@@ -434,7 +418,7 @@ def plot(summaries: list[dict], histories: list[list[dict]], out: str) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out)
     except (OSError, ValueError) as exc:
         raise UserError(f"--plot {out}: cannot write ({exc})") from None
     finally:
@@ -471,7 +455,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.plot:
-            _pyplot()  # fail before any work
+            pyplot()  # fail before any work
             parent = os.path.dirname(os.path.abspath(args.plot))
             if not os.path.isdir(parent):
                 raise UserError(f"--plot {args.plot}: directory {parent} does not exist")

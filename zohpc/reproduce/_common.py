@@ -4,8 +4,6 @@ baselines, with zohpc's batch order and lr schedule) and a figure writer."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import torch
 
@@ -47,25 +45,3 @@ def train_backprop(model, x, y, loss_fn, *, epochs: int, batch_size: int, lr: fl
             opt.step()
             step += 1
     return time.perf_counter() - t0
-
-
-def save_figure(fig, path: str) -> None:
-    """Write a matplotlib figure atomically (temporary name in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

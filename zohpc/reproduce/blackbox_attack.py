@@ -214,9 +214,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..analyze import _pyplot
+    from ..plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in METHODS:
         ax.plot(result["curve_budgets"], [100 * v for v in result["methods"][m]["curve"]], label=LABELS[m])
@@ -227,5 +227,5 @@ def plot(result: dict, path: str) -> None:
     ax.set_title(f"black-box attack on digits, L-inf {result['epsilon']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

@@ -161,9 +161,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..analyze import _pyplot
+    from ..plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     for m in METHODS:
         ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m], color=COLORS[m])
@@ -179,5 +179,5 @@ def plot(result: dict, path: str) -> None:
     bx.set_title("paper: ImageNet-10, sigma 0.25")
     bx.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

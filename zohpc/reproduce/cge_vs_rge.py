@@ -25,7 +25,8 @@ from ..data import load_digits_raw, normalize
 from ..models.cnn import AdjustableCNN
 from ..seeding import derive_seed
 from ..tasks import Task
-from ._common import pyplot, save_figure, train_backprop
+from ..plotting import pyplot, save_figure
+from ._common import train_backprop
 
 PAPER = {
     "params": [730, 3700, 6670, 9640, 12610],

@@ -119,11 +119,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, label in (("quadratic50", "zohpc LIZO (reuse)"), ("no_reuse", "zohpc LIZO (no reuse)")):
         curve = result[key]["curve"]
@@ -138,7 +136,7 @@ def plot(result: dict, path: str) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..tasks import burgers
-from ._common import pyplot, save_figure, train_backprop
+from ..plotting import pyplot, save_figure
+from ._common import train_backprop
 
 PAPER = {"mae": {"src": 0.180, "non": 0.153, "zo_sol": 0.119, "fo_sol": 0.074}}
 METHODS = (("src", "SRC"), ("non", "NON"), ("zo_sol", "ZO-SOL"), ("fo_sol", "FO-SOL"))
