@@ -23,6 +23,12 @@ def contiguous_split(n: int, parts: int, granule: int = 1) -> list[int]:
     return [min(n, (units * r // parts) * granule) for r in range(parts + 1)]
 
 
+def largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is <= ``cap`` (at least 1): stacked group sizes that
+    divide ``query_batch`` tile shards whose bounds fall on multiples of it."""
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
 def balanced_bounds(counts: list[int], costs: list[float], parts: int, granule: int = 1) -> list[int]:
     """Split the global coordinate order into ``parts`` contiguous runs of equal total cost.
 

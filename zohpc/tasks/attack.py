@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Task, task_options
-from .blackbox import BlackBox, PixelData, load_pixels, train_classifier
+from .base import Task
+from .blackbox import BlackBox, PixelData, build_with_classifier
 
 DEFAULTS = {
     "image": 0,  # index of the attacked image in the test set
@@ -89,13 +89,7 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
 
 def build(cfg) -> Task:
     """Factory for ``task.name = "zohpc.tasks.attack:build"`` (options: see ``DEFAULTS``)."""
-    from ..comm import world
-
-    opts = task_options(cfg, DEFAULTS, "attack")
-    data = load_pixels(cfg.data)
-    clf = train_classifier(data, opts["classifier"], int(opts["classifier_epochs"]), seed=int(opts["seed"]),
-                           comm=world())
-    return make_task(clf, data, opts)
+    return build_with_classifier(cfg, DEFAULTS, "attack", make_task)
 
 
 class _Over(Exception):

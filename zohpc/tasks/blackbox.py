@@ -112,6 +112,19 @@ def train_classifier(data: PixelData, model_name: str = "digits_cnn", epochs: in
     return clf
 
 
+def build_with_classifier(cfg, defaults: dict, name: str, make_task):
+    """A task factory's common part: the ``[task]`` options, the pixel data and the black-box
+    classifier trained beforehand; ``make_task(clf, data, opts)`` builds the task itself."""
+    from ..comm import world
+    from .base import task_options
+
+    opts = task_options(cfg, defaults, name)
+    data = load_pixels(cfg.data)
+    clf = train_classifier(data, opts["classifier"], int(opts["classifier_epochs"]), seed=int(opts["seed"]),
+                           comm=world())
+    return make_task(clf, data, opts)
+
+
 @torch.no_grad()
 def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     correct = 0

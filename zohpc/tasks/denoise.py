@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..seeding import derive_seed, generator
-from .base import Task, task_options
-from .blackbox import BlackBox, PixelData, load_pixels, train_classifier
+from .base import Task
+from .blackbox import BlackBox, PixelData, build_with_classifier
 
 DEFAULTS = {
     "sigma": 0.25,  # noise level of smoothing and training, in [0, 1] pixel units
@@ -105,13 +105,7 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
 
 def build(cfg) -> Task:
     """Factory for ``task.name = "zohpc.tasks.denoise:build"`` (options: see ``DEFAULTS``)."""
-    from ..comm import world
-
-    opts = task_options(cfg, DEFAULTS, "denoise")
-    data = load_pixels(cfg.data)
-    clf = train_classifier(data, opts["classifier"], int(opts["classifier_epochs"]), seed=int(opts["seed"]),
-                           comm=world())
-    return make_task(clf, data, opts)
+    return build_with_classifier(cfg, DEFAULTS, "denoise", make_task)
 
 
 def train_fo(denoiser: nn.Module, classifier: nn.Module, train, epochs: int, lr: float = 3e-3,

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from ..errors import ConfigError
+from ..sharding import largest_divisor
 from ..stop import no_check
 from .objective import Objective
 
@@ -1251,8 +1252,8 @@ class QueryEngine:
             return 1  # not prepared yet
         cap = max(1, min(self.query_batch, self.max_elements // max(1, e)))
         # a divisor of query_batch: groups then tile the shards, whose bounds fall on
-        # multiples of query_batch within a parameter (zohpc.distributed.balanced_bounds)
-        return max(d for d in range(1, cap + 1) if self.query_batch % d == 0)
+        # multiples of query_batch within a parameter (zohpc.sharding.balanced_bounds)
+        return largest_divisor(self.query_batch, cap)
 
     @torch.no_grad()
     def central_losses(self, coords, start, stop, mu):

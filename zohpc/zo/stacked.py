@@ -28,14 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..sharding import largest_divisor
 from ..stop import no_check
 from .batchnorm import batch_stats_only
 from .objective import Objective, _one_line
-
-
-def _largest_divisor(n: int, cap: int) -> int:
-    """The largest divisor of ``n`` that is <= ``cap`` (at least 1)."""
-    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
 class StackedForward:
@@ -285,7 +281,7 @@ class FullForwardEngine:
 
     def batch_size(self, param_index: int) -> int:
         """Copies per pass: the largest divisor of query_batch within the stacking cap."""
-        return _largest_divisor(self.query_batch, self.forward.copies_per_pass)
+        return largest_divisor(self.query_batch, self.forward.copies_per_pass)
 
     def _check_coords(self, coords) -> None:
         if list(coords.param_names) != self.param_names:
@@ -318,7 +314,7 @@ class FullForwardEngine:
         self._check_coords(coords)
         plus = self.base.new_empty(stop - start)
         minus = self.base.new_empty(stop - start)
-        size = _largest_divisor(self.query_batch, max(1, self.batch_size(0) // 2))
+        size = largest_divisor(self.query_batch, max(1, self.batch_size(0) // 2))
         pos = 0
         for pi, chunk in self._groups(coords, start, stop, size):
             self.check()
