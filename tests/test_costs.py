@@ -14,7 +14,7 @@ from zohpc.models import build_model
 from zohpc.stop import StepAbandoned
 from zohpc.zo import Coordinates, QueryEngine, calibrated_costs, plan_flops
 from zohpc.zo.costs import _fit, calibrate, measured_costs, time_pass
-from zohpc.zo.engine import _Chan, _Full, _Per
+from zohpc.zo.reps import Chan, Full
 
 
 class Mixed(nn.Module):
@@ -56,32 +56,16 @@ def test_plan_work_matches_real_queries(name, shape):
     equal those the engine counts while running it (FLOPs grow with the stacked copies)."""
     m, x, y, eng = _engine(name, shape, batch=3)
     Q = 2
-    seen = {}
-    real_step, real_source = QueryEngine._step, QueryEngine._source
 
     def kind(rep):
-        return ("chan", rep.s) if isinstance(rep, _Chan) else "full" if isinstance(rep, _Full) else "per"
-
-    def step(self, n, reps, Q, last=()):
-        rep = seen[n] = real_step(self, n, reps, Q, last)
-        return rep
-
-    def source(self, plan, n, flat, steps, Q):
-        rep = real_source(self, plan, n, flat, steps, Q)
-        seen[n] = rep if rep is not None else _Per([])
-        return rep
+        return ("chan", rep.s) if isinstance(rep, Chan) else "full" if isinstance(rep, Full) else "per"
 
     for pi, plan in enumerate(eng.plans):
         eng.flops = 0
-        seen.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(QueryEngine, "_step", step)
-            mp.setattr(QueryEngine, "_source", source)
-            eng.query(pi, [0, eng.params[pi].numel() - 1], [0.01, -0.01])
-        sources_generic = plan.kind == "generic"  # (the engine then skips _source)
-        want = {n: (r[:2] if isinstance(r, tuple) else r) for n, r in plan.reps.items()
-                if not (sources_generic and n in plan.sources)}
-        assert {n: kind(r) for n, r in seen.items()} == want, eng.param_names[pi]
+        eng.trace = {}  # the executor records the concrete rep of every node it runs
+        eng.query(pi, [0, eng.params[pi].numel() - 1], [0.01, -0.01])
+        want = {n: (r[:2] if isinstance(r, tuple) else r) for n, r in plan.reps.items()}
+        assert {n: kind(r) for n, r in eng.trace.items()} == want, eng.param_names[pi]
         assert plan.elems == eng.last_elems, eng.param_names[pi]
         if name != "mixed":  # (generic convs run copy by copy are not counted by the engine)
             assert plan.flops * Q == eng.flops, eng.param_names[pi]

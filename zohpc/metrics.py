@@ -55,6 +55,7 @@ class Step:
     lr: float | None = None
     queries: int = 0
     seconds: float | None = None
+    free_queries: int = 0  # loss values known without a query (embedding rows of absent tokens)
     rank_compute_seconds: list = field(default_factory=list)
     time: float = 0.0
     event: str = "step"

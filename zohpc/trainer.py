@@ -441,7 +441,7 @@ class Trainer:
                 self.batch_in_epoch += 1
                 seconds = time.perf_counter() - t0
                 self.metrics.write(rec.Step(step=self.step, epoch=self.epoch, loss=result.loss, lr=lr,
-                                            queries=result.queries, seconds=seconds,
+                                            queries=result.queries, seconds=seconds, free_queries=result.free_queries,
                                             rank_compute_seconds=[round(v, 6) for v in result.compute],
                                             time=time.time() - t_start))
                 if progress is not None:

@@ -53,7 +53,8 @@ from ..comm import world
 from ..errors import ConfigError
 from ..models import MODEL_NAMES, build_model
 from ..stop import StepAbandoned, no_check
-from ..zo import Coordinates, Objective, QueryEngine, tune_malloc
+from ..runtime import tune_malloc
+from ..zo import Coordinates, Objective, QueryEngine
 from ..zo.costs import calibrate, measured_costs
 
 TASKS = ("classify", "regress")
@@ -389,7 +390,7 @@ def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
         "engine_gflops": flops / t_engine / 1e9,
         "forward_gflop": fwd_flops / 1e9,
         "engine_flops_per_query_vs_forward": flops / coords.total / fwd_flops,
-        "stacked_passes": sum(1 for _ in engine._groups(coords, 0, coords.total, engine.batch_size)),
+        "stacked_passes": sum(1 for _ in engine.groups(coords, 0, coords.total, engine.batch_size)),
         "check_iprobe_coords_per_s": coords.total / t_check["iprobe"],
         "check_rate_limited_coords_per_s": coords.total / t_check["rate_limited"],
         "check_iprobe_overhead": t_check["iprobe"] / t_engine - 1,

@@ -137,7 +137,9 @@ class CGEStep:
             apply_update(values, x)
         share_state(comm, self.model)
         times["update"] = time.perf_counter() - t3
-        return StepResult(loss=float(base[0]), queries=self.queries_per_step, compute=compute, times=times)
+        free = engine.free_count(self.coords) * (1 if self.difference == "forward" else 2) if ok else 0
+        return StepResult(loss=float(base[0]), queries=self.queries_per_step - free, compute=compute, times=times,
+                          free_queries=free)
 
     def _check_with_progress(self):
         stop_check = self.stop.check if self.stop is not None else None

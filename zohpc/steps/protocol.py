@@ -31,6 +31,7 @@ class StepResult:
     queries: int
     compute: list[float]  # per rank: seconds of query work this step
     times: dict = field(default_factory=dict)  # this rank's phases
+    free_queries: int = 0  # coordinates answered without a query (exact: absent tokens' embedding rows)
 
 
 def share_batch(comm, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -35,8 +35,7 @@ def plan_flops(engine) -> list[float]:
 
     Needs a prepared engine (the work depends on the input shape).
     """
-    engine._need_prepared()
-    return [float(p.flops + MOVE_WEIGHT * p.moves) for p in engine.plans]
+    return [float(p.flops + MOVE_WEIGHT * p.moves) for p in engine.work()]
 
 
 def _sync(dev) -> None:
@@ -132,7 +131,7 @@ def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check
     when the fit so far predicts it would overrun). ``check()`` is called between timings.
     """
     t_start = time.perf_counter()
-    engine._check_coords(coords)
+    engine.check_coords(coords)
     if x is not None:
         engine.prepare(x, y)
     check()
@@ -175,7 +174,7 @@ def measured_costs(engine, coords, x, y, repeats: int = 2, only=None, check=no_c
     ``only``: indices of the parameters to time (others get 0.0), so that ranks can split the
     measurement and sum their results. Parameters without active coordinates get 0.0.
     """
-    engine._check_coords(coords)
+    engine.check_coords(coords)
     engine.prepare(x, y)
     wanted = set(range(len(engine.params)) if only is None else only)
     return [time_pass(engine, coords, pi, repeats, check) if pi in wanted and coords.counts[pi] > 0 else 0.0

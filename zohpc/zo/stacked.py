@@ -18,7 +18,7 @@ Copies per pass: ``query_batch`` capped so that the stacked activations stay wit
 the cap depends only on the model and the batch shape, so every rank stacks alike.
 
 :class:`FullForwardEngine` is the CGE query engine for untraceable models, with the query
-interface of :class:`zohpc.zo.engine.QueryEngine` (no feature reuse: every query is a full
+interface (zohpc.zo.base) as :class:`zohpc.zo.engine.QueryEngine` (no feature reuse: every query is a full
 forward; no feature broadcast: ``feature_tensors()`` is None, ranks recompute).
 """
 
@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..sharding import largest_divisor
 from ..stop import no_check
+from .base import EngineBase
 from .batchnorm import batch_stats_only
 from .objective import Objective, _one_line
 
@@ -244,15 +245,13 @@ class StackedForward:
         return self._losses({self.names[param_index]: copies.view(k, *t.shape)}, k)
 
 
-class FullForwardEngine:
+class FullForwardEngine(EngineBase):
     """CGE queries by full forward passes, for models torch.fx cannot trace.
 
-    Same query interface as :class:`zohpc.zo.engine.QueryEngine`: ``prepare``, ``base``,
-    ``query_batch``, ``check`` (called between stacked passes), ``losses``,
-    ``central_losses``, ``batch_size``, ``feature_tensors`` (None: ranks recompute).
-    Group sizes divide ``query_batch`` and groups start at each run's first coordinate, so a
-    shard starting on a multiple of ``query_batch`` within a parameter is stacked like the
-    whole range: gradients are bit-identical for any rank count.
+    Implements :class:`zohpc.zo.base.QueryEngineProtocol` like
+    :class:`zohpc.zo.engine.QueryEngine` (``losses``, ``central_losses`` and the grouping
+    come from the shared :class:`~zohpc.zo.base.EngineBase`); ``feature_tensors`` is None:
+    ranks recompute.
     """
 
     def __init__(self, model: nn.Module, objective=None, query_batch: int = 32, max_elements: int | None = None):
@@ -283,43 +282,6 @@ class FullForwardEngine:
         """Copies per pass: the largest divisor of query_batch within the stacking cap."""
         return largest_divisor(self.query_batch, self.forward.copies_per_pass)
 
-    def _check_coords(self, coords) -> None:
-        if list(coords.param_names) != self.param_names:
-            raise ValueError("coordinates were built for a different model")
-        if self.base is None:
-            raise RuntimeError("FullForwardEngine: call prepare(x, y) first")
-
-    def _groups(self, coords, start, stop, size):
-        for pi, flat in coords.runs(start, stop):
-            flat = flat.tolist()
-            for i in range(0, len(flat), size):
-                yield pi, flat[i:i + size]
-
-    @torch.no_grad()
-    def losses(self, coords, start: int = 0, stop: int | None = None, mu: float = 5e-3, sign: int = 1):
-        """f(theta + sign*mu*e_k) for global coordinate positions k in [start, stop)."""
-        self._check_coords(coords)
-        stop = coords.total if stop is None else stop
-        out = self.base.new_empty(stop - start)
-        pos = 0
-        for pi, chunk in self._groups(coords, start, stop, self.batch_size(0)):
-            self.check()
-            out[pos:pos + len(chunk)] = self.forward.coordinate_losses(pi, chunk, [sign * mu] * len(chunk))
-            pos += len(chunk)
-        return out
-
-    @torch.no_grad()
-    def central_losses(self, coords, start: int, stop: int, mu: float):
-        """(f(theta + mu e_k), f(theta - mu e_k)), both signs of a coordinate in the same pass."""
-        self._check_coords(coords)
-        plus = self.base.new_empty(stop - start)
-        minus = self.base.new_empty(stop - start)
-        size = largest_divisor(self.query_batch, max(1, self.batch_size(0) // 2))
-        pos = 0
-        for pi, chunk in self._groups(coords, start, stop, size):
-            self.check()
-            k = len(chunk)
-            v = self.forward.coordinate_losses(pi, chunk + chunk, [mu] * k + [-mu] * k)
-            plus[pos:pos + k], minus[pos:pos + k] = v[:k], v[k:]
-            pos += k
-        return plus, minus
+    def query(self, param_index: int, flat, steps) -> torch.Tensor:
+        """Losses of one parameter's coordinates, each a full forward (stacked copies)."""
+        return self.forward.coordinate_losses(param_index, flat, steps)
