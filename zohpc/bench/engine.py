@@ -55,18 +55,22 @@ from ..models import MODEL_NAMES, build_model
 from ..stop import StepAbandoned, no_check
 from ..runtime import tune_malloc
 from ..zo import Coordinates, Objective, QueryEngine
+from ..models.token_transformer import TokenTransformer
 from ..zo.costs import calibrate, measured_costs
+from ..zo.work import rowwise_flops
 
 TASKS = ("classify", "regress")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zohpc.bench engine", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="digits_cnn", choices=MODEL_NAMES)
+    p.add_argument("--model", default="digits_cnn", choices=MODEL_NAMES + ("transformer",),
+                   help="transformer: zohpc.models.token_transformer on token ids (--input TxV: length x vocab)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--coords", type=int, default=200, help="number of coordinates queried")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--input", default=None, help="CxHxW (default 1x8x8 for digits_cnn, else 3x32x32)")
+    p.add_argument("--input", default=None,
+                   help="CxHxW (default 1x8x8 for digits_cnn, else 3x32x32); transformer: TxV (default 32x256)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--query-batch", type=int, default=None, help="engine query batch (default: engine default)")
     p.add_argument("--mu", type=float, default=5e-3)
@@ -85,14 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_shape(text: str):
+def _parse_shape(text: str, dims: int = 3):
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"option --input: {text!r} is not CxHxW")
+    if len(shape) != dims or min(shape) < 1:
+        raise ConfigError(f"option --input: {text!r} is not {'CxHxW' if dims == 3 else 'TxV'}")
     return shape
+
+
+def _model_and_input(args, dtype, dev, gen):
+    """The model and a minibatch (token ids for the transformer)."""
+    if args.model == "transformer":
+        T, V = _parse_shape(args.input, 2) if args.input else (32, 256)
+        model = TokenTransformer(V, T, args.classes).to(device=dev, dtype=dtype).train()
+        return model, (T, V), torch.randint(0, V, (args.batch, T), generator=gen).to(dev)
+    shape = _parse_shape(args.input) if args.input else ((1, 8, 8) if args.model == "digits_cnn" else (3, 32, 32))
+    model = build_model(args.model, shape, args.classes).to(device=dev, dtype=dtype).train()
+    return model, shape, torch.randn(args.batch, *shape, generator=gen, dtype=dtype).to(dev)
 
 
 def _sample_masks(model, n, gen):
@@ -198,6 +213,8 @@ def _forward_flops(engine):
             out = engine.env[n]
             per_out = w.numel() // w.shape[0]
             total += 2 * out.numel() * per_out
+        elif k == "rowwise":
+            total += 2 * rowwise_flops(engine, n)
     return total
 
 
@@ -216,6 +233,29 @@ def _matmul_gflops(dtype, seconds=0.3):
         return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
     finally:
         torch.set_num_threads(old)
+
+
+def _conv_gflops(dtype, seconds=0.3):
+    """One thread's 3x3 convolution rate (64 -> 64 channels, 32x32, batch 8, channels-last)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(8, 64, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(dtype=dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            conv(x)
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                conv(x)
+                reps += 1
+        return 2 * 8 * 32 * 32 * 64 * 64 * 9 * reps / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def _work_flops(engine, coords) -> int:
+    """The work model's conv/linear/attention FLOPs of every queried coordinate (zohpc.zo.work)."""
+    return sum(plan.flops * n for plan, n in zip(engine.work(), coords.counts))
 
 
 def _iprobe_check(comm, every: float = 0.0):
@@ -305,13 +345,11 @@ def run(comm, args) -> dict:
         raise ConfigError("options --threads, --batch, --coords must be >= 1")
     malloc_tuned = tune_malloc()
     torch.set_num_threads(args.threads)
-    shape = _parse_shape(args.input) if args.input else ((1, 8, 8) if args.model == "digits_cnn" else (3, 32, 32))
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, shape, args.classes).to(device=dev, dtype=dtype).train()
     gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, *shape, generator=gen, dtype=dtype).to(dev)
+    model, shape, x = _model_and_input(args, dtype, dev, gen)
     y = torch.randint(0, args.classes, (args.batch,), generator=gen).to(dev)
     n = min(args.coords, sum(p.numel() for p in model.parameters()))
     coords = Coordinates(model, _sample_masks(model, n, gen))
@@ -329,6 +367,10 @@ def run(comm, args) -> dict:
     if args.costs:
         res.update(_cost_model(QueryEngine(model, **kw), coords, x, y))
     res["matmul_1thread_gflops"] = _matmul_gflops(dtype)
+    res["conv_1thread_gflops"] = _conv_gflops(dtype)
+    if "work_gflops" in res:  # the roofline: achieved against this machine's measured peaks
+        res["work_vs_matmul_peak"] = res["work_gflops"] / res["matmul_1thread_gflops"]
+        res["work_vs_conv_peak"] = res["work_gflops"] / res["conv_1thread_gflops"]
     if args.json:
         print(json.dumps(res), flush=True)
     else:
@@ -359,6 +401,8 @@ def _run_task(model, x, coords, mu, dev, dtype, gen, kw, args) -> dict:
 
 def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
     engine = QueryEngine(model, **kw)
+    blocks = not isinstance(model, TokenTransformer)  # (its forward is no chain of children: no block baseline)
+    blk_losses = None
     checks = {"none": no_check, "iprobe": _iprobe_check(comm), "rate_limited": _iprobe_check(comm, 0.1)}
     # warm-up (allocator, oneDNN primitive caches) on a few coordinates, then timed runs
     engine.prepare(x, y)
@@ -372,10 +416,11 @@ def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
             t_check[k] = min(t_check[k], t)
             if k == "none":
                 eng_losses, flops = losses, engine.flops
-        t0 = time.perf_counter()
-        blk_losses = _block_reuse(model, coords, x, y, mu, args.baseline_channels_last)
-        _sync(dev)
-        t_block = min(t_block, time.perf_counter() - t0)
+        if blocks:
+            t0 = time.perf_counter()
+            blk_losses = _block_reuse(model, coords, x, y, mu, args.baseline_channels_last)
+            _sync(dev)
+            t_block = min(t_block, time.perf_counter() - t0)
     engine.check = no_check
     t_engine = t_check["none"]
     fwd_flops = _forward_flops(engine)
@@ -390,6 +435,8 @@ def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
         "engine_gflops": flops / t_engine / 1e9,
         "forward_gflop": fwd_flops / 1e9,
         "engine_flops_per_query_vs_forward": flops / coords.total / fwd_flops,
+        "work_gflops": _work_flops(engine, coords) / t_engine / 1e9,
+        "free_queries": engine.free_count(coords),
         "stacked_passes": sum(1 for _ in engine.groups(coords, 0, coords.total, engine.batch_size)),
         "check_iprobe_coords_per_s": coords.total / t_check["iprobe"],
         "check_rate_limited_coords_per_s": coords.total / t_check["rate_limited"],
@@ -399,20 +446,22 @@ def _run_methods(comm, model, x, y, coords, mu, dev, dtype, kw, args) -> dict:
         "check_rate_limited_ns_per_call": _ns_per_call(checks["rate_limited"]),
     }
     res["seconds_per_pass"] = t_engine / res["stacked_passes"]
+    if not blocks:
+        res.update(block_reuse_s=None, block_reuse_coords_per_s=None, speedup_vs_block_reuse=None)
     if not args.skip_naive:
         t0 = time.perf_counter()
         naive_losses = _naive(model, coords, x, y, mu, args.baseline_channels_last)
         _sync(dev)
         t_naive = time.perf_counter() - t0
         rel = ((eng_losses - naive_losses).abs() / naive_losses.abs()).max().item()
-        rel_b = ((blk_losses - naive_losses).abs() / naive_losses.abs()).max().item()
+        rel_b = ((blk_losses - naive_losses).abs() / naive_losses.abs()).max().item() if blocks else None
         res.update({
             "naive_s": t_naive, "naive_coords_per_s": coords.total / t_naive,
-            "speedup_vs_naive": t_naive / t_engine, "block_reuse_speedup_vs_naive": t_naive / t_block,
+            "speedup_vs_naive": t_naive / t_engine, "block_reuse_speedup_vs_naive": t_naive / t_block if blocks else None,
             "naive_gflops": fwd_flops * coords.total / t_naive / 1e9,
             "max_rel_error": rel, "max_rel_error_block_reuse": rel_b,
         })
-    else:
+    elif blocks:
         res["max_rel_error_vs_block_reuse"] = ((eng_losses - blk_losses).abs() / blk_losses.abs()).max().item()
     return res
 
