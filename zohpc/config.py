@@ -108,6 +108,11 @@ class RunConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write TensorBoard event files (needs the extra zohpc[tensorboard])
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +123,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
@@ -173,7 +179,7 @@ PATH_KEYS = ("data.dir", "prune.masks_file", "run.out")
 # altering its trajectory. Every other key is compared with the stored config on resume.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.log_every_seconds", "train.device",
                      "data.test_batch_size", "zo.features", "checkpoint.every_epochs", "checkpoint.keep",
-                     "run.out")
+                     "run.out", "logging.tensorboard")
 
 
 def expand_path(value: str) -> str:
@@ -283,6 +289,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), out: str | N
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, expand_path(get(cfg, dotted)))
     validate(cfg)
+    if cfg.logging.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("config key 'logging.tensorboard': the tensorboard package is not installed "
+                              "(pip install 'zohpc[tensorboard]')")
     return cfg
 
 
@@ -383,4 +394,9 @@ def from_toml_text(text: str, source: str = "stored config", check_paths: bool =
     apply_mapping(cfg, mapping, source)
     if check_paths:
         validate(cfg)
+    if cfg.logging.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("config key 'logging.tensorboard': the tensorboard package is not installed "
+                              "(pip install 'zohpc[tensorboard]')")
     return cfg

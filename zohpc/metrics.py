@@ -140,11 +140,16 @@ def _finite(value):
 
 
 class MetricsLog:
-    """``metrics.jsonl`` of a run on the driver (append-only) and the history kept in checkpoints."""
+    """``metrics.jsonl`` of a run on the driver (append-only) and the history kept in checkpoints.
 
-    def __init__(self, path: str | None, history: list[dict] | None = None):
+    ``sinks``: further backends (zohpc.sinks, e.g. TensorBoard) that receive every typed
+    record written; ``metrics.jsonl`` stays the file ``analyze`` reads.
+    """
+
+    def __init__(self, path: str | None, history: list[dict] | None = None, sinks: list | None = None):
         self.path = path
         self.history = list(history or [])
+        self.sinks = list(sinks or [])
 
     def write(self, record) -> dict:
         obj = to_json(record)
@@ -153,7 +158,13 @@ class MetricsLog:
             line = json.dumps({k: _finite(v) for k, v in obj.items()}) + "\n"
             with open(self.path, "a") as fh:
                 fh.write(line)
+        for sink in self.sinks:
+            sink.write(record)
         return obj
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
     def records(self, cls):
         return [r for r in map(parse_record, self.history) if isinstance(r, cls)]

@@ -111,6 +111,9 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         comm.barrier()
         setup_logging(run_dir, comm)
         trainer.metrics.path = os.path.join(run_dir, "metrics.jsonl") if comm.is_driver else None
+        if cfg.logging.tensorboard and comm.is_driver:
+            from .sinks import TensorBoardSink
+            trainer.metrics.sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
     log.info("rank %d/%d local %d/%d %s", comm.rank, comm.size, comm.local_rank, comm.local_size, runtime.describe())
     params = sum(p.numel() for p in trainer.model.parameters())
     if plan.checkpoint is not None:
