@@ -149,3 +149,39 @@ def test_transformer_with_dropout_refused(p):
     layer = nn.TransformerEncoderLayer(D, nhead=2, dropout=p, batch_first=True)
     with pytest.raises(UserError, match="is random"):
         QueryEngine(nn.Sequential(layer))
+
+
+TOKEN_TASK = '''
+import torch
+from zohpc.models.token_transformer import TokenTransformer
+from zohpc.tasks import Task
+
+
+def build(cfg):
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    x = torch.randint(0, 24, (192, 8), generator=g)  # vocabulary 32: tokens 24..31 never occur
+    y = (x[:, 0] < 12).long()
+    model = TokenTransformer(32, 8, 2, dim=8, heads=2, layers=1, ff=16)
+    return Task(model=model, train=(x[:128], y[:128]), test=(x[128:], y[128:]), loss=None, name="tokens")
+'''
+
+
+@pytest.mark.slow
+def test_tiny_transformer_trains_by_sparse_cge_under_mpi_with_feature_reuse(tmp_path):
+    """Needs integer inputs through the task probe, pruning and the broadcast (helper 16's side)."""
+    import json
+    import os
+
+    from mpi_util import ROOT, run_ranks
+
+    (tmp_path / "token_task.py").write_text(TOKEN_TASK)
+    out = tmp_path / "run"
+    p = run_ranks(2, ["-m", "zohpc.train", "--out", str(out), "--set", "task.name=token_task:build",
+                      "--set", "prune.method=random", "--set", "prune.sparsity=0.5", "--set", "data.batch_size=32",
+                      "--set", "train.max_steps=3", "--set", "train.epochs=1", "--set", "train.log_every_seconds=1000"],
+                  timeout=240, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "feature reuse off" not in p.stdout + p.stderr
+    with open(out / "metrics.jsonl") as fh:
+        steps = [r for r in map(json.loads, fh) if r["event"] == "step"]
+    assert len(steps) == 3 and all(r["free_queries"] > 0 for r in steps)
