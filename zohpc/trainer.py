@@ -18,6 +18,7 @@ from . import metrics as rec
 from .config import Config, to_toml
 from .data import epoch_batches
 from .errors import CheckpointError, ConfigError, UserError
+from .inputs import model_input
 from .masks import layer_ratios, layerwise_random_masks, mask_draw, read_mask_file
 from .steps import CGEStep, LIZOStep, RGEStep
 from .steps.protocol import standard
@@ -319,9 +320,7 @@ class Trainer:
         x = self.train_x[idx]
         if self.task.augment is not None:
             x = self.task.augment(x, self.epoch, batch_index)
-        x = standard(x.to(self.device))
-        if x.is_floating_point():
-            x = x.to(next(self.model.parameters()).dtype)
+        x = standard(model_input(x, next(self.model.parameters())))
         return x, standard(self.train_y[idx].to(self.device))
 
     # ------------------------------------------------------------------ one step
@@ -369,7 +368,7 @@ class Trainer:
         nb = -(-tx.shape[0] // bs)
         bounds = contiguous_split(nb, comm.size)
         rows, error = [], None
-        dtype = next(self.model.parameters()).dtype
+        first = next(self.model.parameters())
 
         def work():
             nonlocal error
@@ -378,8 +377,7 @@ class Trainer:
                 for b in range(bounds[comm.rank], bounds[comm.rank + 1]):
                     if self.stop is not None:
                         self.stop.check()
-                    x = tx[b * bs:(b + 1) * bs].to(self.device)
-                    x = x.to(dtype) if x.is_floating_point() else x
+                    x = model_input(tx[b * bs:(b + 1) * bs], first)
                     y = ty[b * bs:(b + 1) * bs].to(self.device)
                     out = self.model(x)
                     loss = float(self.objective(out, y, 1)[0])

@@ -96,7 +96,7 @@ class CGEStep:
         if ok and comm.size > 1:  # the same branch on every rank: base is shared
             if self.features == "broadcast":
                 feats = engine.feature_tensors() if comm.is_driver else \
-                    [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape))]
+                    [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape), x.dtype)]
                 for t in feats:
                     comm.bcast_(t)
                 if not comm.is_driver:
@@ -171,7 +171,7 @@ def choose_features_mode(comm, engine, x: torch.Tensor, y: torch.Tensor) -> str:
     t0 = time.perf_counter()
     engine.prepare(x, y)
     t_prepare = comm.allreduce_max(time.perf_counter() - t0)
-    feats = [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape))]
+    feats = [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape), x.dtype)]
     comm.barrier()
     t0 = time.perf_counter()
     for t in feats:
