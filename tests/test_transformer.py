@@ -1,187 +1,95 @@
-"""Transformer operations in the query engine: rules, feature reuse, free embedding rows.
+"""Transformers on token ids (issue 16): integer inputs through every phase, Task(loss=None)
+as a classifier with accuracy, dropout with p = 0 accepted, and the SPSA step.
 
-Reference: the full-forward engine (every query a complete forward of the perturbed model)
-and float64 autograd.
+The plug-in is ``zohpc.tasks.tokens:classifier`` (nn.Embedding + PyTorch's encoder layer
+with ``dropout=0.0`` + a linear head, no ``loss``). MPI runs go through ``mpiexec -n 2``
+with a timeout (tests/mpi_util.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
-from zohpc.zo import Coordinates, FullForwardEngine, QueryEngine, cge
-from zohpc.zo.reps import Chan, Full
+from mpi_util import run_ranks
+from zohpc.tasks import Task
+from zohpc.tasks.loading import check_task
+from zohpc.tasks.tokens import TokenClassifier, make_data
+from zohpc.zo.engine import NondeterministicModelError, check_deterministic
 
-VOCAB, D, T, USED = 12, 4, 4, 7
-
-
-class TinyTransformer(nn.Module):
-    """Token ids -> embedding + positions -> PyTorch encoder layer -> LayerNorm, mean, GELU -> head."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, D)
-        self.pos = nn.Parameter(0.1 * torch.randn(1, T, D))
-        self.layer = nn.TransformerEncoderLayer(D, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
-        self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, classes)
-
-    def forward(self, x):
-        h = self.layer(self.emb(x) + self.pos)
-        return self.head(F.gelu(self.norm(h).mean(dim=1)))
+TINY = ["task.name=zohpc.tasks.tokens:classifier", "task.vocab=8", "task.seq_len=4", "task.d_model=8",
+        "task.ff=8", "task.train_size=64", "task.test_size=32", "data.batch_size=32", "prune.method=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (a shared 2-core machine makes thread teams spin)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def train(k, out, *sets, timeout=180, **env):
+    args = ["-m", "zohpc.train", "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    return run_ranks(k, args, timeout=timeout, **env)
 
 
-def _setup(batch=5, dtype=torch.float64):
+def records(out, event):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [r for r in map(json.loads, fh) if r.get("event") == event]
+
+
+def assert_clean(p, code=0):
+    text = p.stdout + p.stderr
+    assert p.returncode == code, text[-3000:]
+    assert "Traceback" not in text and "MPI_Abort" not in text, text[-3000:]
+
+
+# ---------------------------------------------------------------------------- the task contract
+def test_task_without_loss_is_a_classifier_with_accuracy():
     torch.manual_seed(0)
-    m = TinyTransformer().to(dtype).train()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, USED, (batch, T), generator=g)  # tokens USED.. never occur
-    y = torch.randint(0, 3, (batch,), generator=g)
-    return m, x, y
+    task = check_task(Task(model=TokenClassifier(8, 4, 8, 2, 1, 8), train=make_data(16, 8, 4, 0, "train")), "t")
+    assert task.loss is None and task.metrics is not None
+    out = task.model(task.train[0])
+    assert set(task.metrics(out, task.train[1])) == {"accuracy"}
 
 
-def test_estimates_equal_full_forward_and_absent_tokens_are_free():
-    m, x, y = _setup()
-    coords = Coordinates(m)
-    eng = QueryEngine(m, query_batch=6)
-    ref = FullForwardEngine(m, query_batch=6)
-    assert torch.equal(eng.prepare(x, y), eng.base) and abs(float(eng.base) - float(ref.prepare(x, y))) < 1e-12
-    got = eng.losses(coords, 0, coords.total, 1e-3)
-    want = ref.losses(coords, 0, coords.total, 1e-3)
-    assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    absent = VOCAB - len(set(x.reshape(-1).tolist()))
-    assert eng.free_queries == absent * D == eng.free_count(coords) and ref.free_queries == 0
-    pi = coords.param_names.index("emb.weight")
-    rows = torch.arange(VOCAB * D) // D
-    free = ~torch.isin(rows, x.reshape(-1))
-    part = got[coords.offsets[pi]:coords.offsets[pi] + VOCAB * D]
-    assert torch.equal(part[free], eng.base.expand(int(free.sum())))  # zero finite difference
-    assert not torch.equal(part[~free], eng.base.expand(int((~free).sum())))
-    p2, m2 = eng.central_losses(coords, 0, coords.total, 1e-3)
-    r2, s2 = ref.central_losses(coords, 0, coords.total, 1e-3)
-    assert torch.allclose(p2, r2, rtol=1e-12, atol=0) and torch.allclose(m2, s2, rtol=1e-12, atol=0)
+def test_dropout_with_p_zero_is_accepted_and_active_dropout_says_how_to_turn_it_off():
+    check_deterministic(nn.TransformerEncoderLayer(8, 2, 8, dropout=0.0))
+    check_deterministic(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
+    with pytest.raises(NondeterministicModelError) as info:
+        check_deterministic(nn.TransformerEncoderLayer(8, 2, 8, dropout=0.1))
+    text = str(info.value)
+    assert "p=0.1" in text and "dropout=0.0" in text and "\n" not in text
+    with pytest.raises(NondeterministicModelError):
+        check_deterministic(nn.RReLU())
 
 
-def test_feature_reuse_through_transformer_ops():
-    """Downstream of every parameter the ops run once per stacked pass, and the executor's
-    representations are the planned ones."""
-    m, x, y = _setup()
-    eng = QueryEngine(m, query_batch=4)
-    eng.prepare(x, y)
-    for pi, plan in enumerate(eng.plans):
-        name = eng.param_names[pi]
-        eng.trace = {}
-        eng.query(pi, [0, eng.params[pi].numel() - 1], [0.01, -0.01])
-        kinds = {n: ("chan", r.s) if isinstance(r, Chan) else "full" if isinstance(r, Full) else "per"
-                 for n, r in eng.trace.items()}
-        assert kinds == {n: (r[:2] if isinstance(r, tuple) else r) for n, r in plan.reps.items()}, name
-        if name != "pos":  # (a parameter read by get_attr is broadcast per copy; the add re-stacks nothing)
-            assert plan.copy_ops <= 1, (name, plan.copy_ops)
-        if name.startswith(("emb", "norm", "head")):
-            assert plan.copy_ops == 0 or name.startswith("norm"), name
-    emb = eng.plans[eng.param_names.index("emb.weight")]
-    assert [emb.how[n] for n in emb.sources] == ["source_emb"]
+def test_functional_dropout_with_constant_zero_is_accepted_by_the_engine():
+    from zohpc.zo import QueryEngine
 
-
-def test_cge_matches_float64_autograd():
-    m, x, y = _setup(batch=8)
-    coords = Coordinates(m)
-    eng = QueryEngine(m, query_batch=8)
-    eng.prepare(x, y)
-    g = cge(eng, coords, 1e-6, "central")
-    m.zero_grad()
-    F.cross_entropy(m(x), y).backward()
-    true = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
-    assert ((g - true).norm() / true.norm()).item() <= 1e-6
-
-
-def test_float32_integer_tokens_keep_dtype():
-    m, x, y = _setup(dtype=torch.float32)
-    eng = QueryEngine(m, query_batch=4)
-    eng.prepare(x, y)
-    assert eng.feature_tensors()[0].dtype == torch.int64
-    shapes = eng.feature_shapes(tuple(x.shape), x.dtype)
-    assert shapes[0] == (tuple(x.shape), torch.int64)
-
-
-def test_attention_mask_inputs_fall_back_per_copy():
-    class Masked(nn.Module):
-        def __init__(self):
+    class M(nn.Module):
+        def __init__(self, p):
             super().__init__()
-            self.emb = nn.Embedding(VOCAB, D)
-            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
-            self.head = nn.Linear(D, 2)
+            self.lin, self.p = nn.Linear(3, 2), p
 
         def forward(self, x):
-            h = self.emb(x)
-            a = self.attn(h, h, h, need_weights=False)[0]
-            q = F.scaled_dot_product_attention(a, h, h)
-            return self.head(torch.softmax(q, dim=-1).sum(1))
+            return nn.functional.dropout(self.lin(x), p=self.p, training=True)
 
-    torch.manual_seed(0)
-    m = Masked().double()
-    x = torch.randint(0, USED, (4, T))
-    y = torch.randint(0, 2, (4,))
-    coords = Coordinates(m)
-    eng = QueryEngine(m, query_batch=5)
-    eng.prepare(x, y)
-    ref = FullForwardEngine(m, query_batch=5)
-    ref.prepare(x, y)
-    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
-                          rtol=1e-12, atol=0)
-    assert all(p.copy_ops <= 1 for p in eng.plans)
+    QueryEngine(M(0.0))
+    with pytest.raises(NondeterministicModelError):
+        QueryEngine(M(0.5))
 
 
-@pytest.mark.parametrize("p", [0.1])
-def test_transformer_with_dropout_refused(p):
-    from zohpc.errors import UserError
-    layer = nn.TransformerEncoderLayer(D, nhead=2, dropout=p, batch_first=True)
-    with pytest.raises(UserError, match="is random"):
-        QueryEngine(nn.Sequential(layer))
-
-
-TOKEN_TASK = '''
-import torch
-from zohpc.models.token_transformer import TokenTransformer
-from zohpc.tasks import Task
-
-
-def build(cfg):
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    x = torch.randint(0, 24, (192, 8), generator=g)  # vocabulary 32: tokens 24..31 never occur
-    y = (x[:, 0] < 12).long()
-    model = TokenTransformer(32, 8, 2, dim=8, heads=2, layers=1, ff=16)
-    return Task(model=model, train=(x[:128], y[:128]), test=(x[128:], y[128:]), loss=None, name="tokens")
-'''
-
-
-@pytest.mark.slow
-def test_tiny_transformer_trains_by_sparse_cge_under_mpi_with_feature_reuse(tmp_path):
-    """Needs integer inputs through the task probe, pruning and the broadcast (helper 16's side)."""
-    import json
-    import os
-
-    from mpi_util import ROOT, run_ranks
-
-    (tmp_path / "token_task.py").write_text(TOKEN_TASK)
-    out = tmp_path / "run"
-    p = run_ranks(2, ["-m", "zohpc.train", "--out", str(out), "--set", "task.name=token_task:build",
-                      "--set", "prune.method=random", "--set", "prune.sparsity=0.5", "--set", "data.batch_size=32",
-                      "--set", "train.max_steps=3", "--set", "train.epochs=1", "--set", "train.log_every_seconds=1000"],
-                  timeout=240, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
-    assert p.returncode == 0, p.stderr[-2000:]
+# ---------------------------------------------------------------------------- training on tokens
+def test_token_transformer_trains_by_cge_on_two_ranks_and_reports_accuracy(tmp_path):
+    out = tmp_path / "cge"
+    p = train(2, out, *TINY, "train.epochs=1", "zo.features=broadcast")
+    assert_clean(p)
+    evals = records(out, "eval")
+    assert evals and evals[-1]["test_acc"] is not None and 0.0 <= evals[-1]["metrics"]["accuracy"] <= 1.0
     assert "feature reuse off" not in p.stdout + p.stderr
-    with open(out / "metrics.jsonl") as fh:
-        steps = [r for r in map(json.loads, fh) if r["event"] == "step"]
-    assert len(steps) == 3 and all(r["free_queries"] > 0 for r in steps)
+
+
+@pytest.mark.parametrize("method", ["zo_grasp", "grasp"])
+def test_pruning_at_initialization_on_token_ids(tmp_path, method):
+    p = train(2, tmp_path / method, *TINY[:-1], f"prune.method={method}", "prune.sparsity=0.5", "train.max_steps=1")
+    assert_clean(p)

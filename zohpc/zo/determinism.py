@@ -37,12 +37,18 @@ def _is_random(mod: nn.Module) -> bool:
 
 
 def check_deterministic(model: nn.Module) -> None:
-    """Raise NondeterministicModelError naming the first random module (dropout with p > 0, RReLU)."""
+    """Raise NondeterministicModelError naming the first random module (dropout with p > 0, RReLU).
+
+    Policy: active dropout is refused with one line saying how to turn it off (p = 0), never
+    switched off silently: a forward that differs between queries makes finite differences noise.
+    """
     for name, mod in model.named_modules():
         if _is_random(mod):
+            p = getattr(mod, "p", getattr(mod, "dropout", None))
             raise NondeterministicModelError(
-                f"model module {name!r} ({type(mod).__name__}) is random; zeroth-order training "
-                f"needs a deterministic forward pass (remove dropout or set its p to 0)")
+                f"model module {name!r} ({type(mod).__name__}" + (f", p={p}" if p is not None else "")
+                + ") is random; zeroth-order training needs a deterministic forward pass: build it with "
+                "p=0 (e.g. dropout=0.0 in nn.TransformerEncoderLayer) or remove it")
 
 
 def _zero_probability(n: fx.Node) -> bool:

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..inputs import model_input
 from ..sharding import largest_divisor
 from .base import EngineBase
 from .determinism import NondeterministicModelError, check_deterministic, check_graph_deterministic  # noqa: F401
@@ -223,9 +224,7 @@ class QueryEngine(FeatureCache, EngineBase):
 
         Float inputs are cast to the model's dtype; integer inputs (token ids) keep theirs.
         """
-        x = torch.as_tensor(x).to(self.device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
+        x = model_input(x, self.params[0])  # token ids stay integers
         self.env = None  # a failure below leaves the engine unprepared, never half-prepared
         env = self.forward_cache(self.fmt(x))
         env = {n: self.fmt(v) for n, v in env.items()}

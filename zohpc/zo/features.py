@@ -34,7 +34,7 @@ class FeatureCache:
         ``x_dtype``: the input's dtype (integer token ids); default the model's. Found with one
         forward pass on zeros (start-up cost), so receivers can allocate buffers.
         """
-        dtype = self.dtype if x_dtype is None else x_dtype
+        dtype = x_dtype if x_dtype is not None and not x_dtype.is_floating_point else self.dtype
         env = self.forward_cache(torch.zeros(tuple(x_shape), device=self.device, dtype=dtype))
         if self._feat_nodes is None:
             self.set_feature_nodes(env)
