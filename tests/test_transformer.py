@@ -93,3 +93,121 @@ def test_token_transformer_trains_by_cge_on_two_ranks_and_reports_accuracy(tmp_p
 def test_pruning_at_initialization_on_token_ids(tmp_path, method):
     p = train(2, tmp_path / method, *TINY[:-1], f"prune.method={method}", "prune.sparsity=0.5", "train.max_steps=1")
     assert_clean(p)
+
+
+# ---------------------------------------------------------------------------- SPSA
+def _tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = TokenClassifier(8, 4, 8, 2, 1, 8).to(dtype)
+    x, y = make_data(32, 8, 4, 0, "train")
+    return model, x, y
+
+
+def test_spsa_estimate_matches_autograd_in_expectation():
+    """Central SPSA over many directions in float64: the cosine with the autograd gradient is
+    near its expectation sqrt(q / (q + d)), and the update applies exactly -lr times the estimate."""
+    import math
+
+    from zohpc.optim import SPSA
+    from zohpc.zo.spsa import direction
+
+    model, x, y = _tiny(torch.float64)
+    loss = torch.no_grad()(lambda: nn.functional.cross_entropy(model(x), y))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in grads])
+    q, d = 400, g.numel()
+    opt = SPSA(model, lr=0.5, mu=1e-6, queries=q, difference="central", seed=3)
+    coeffs, _ = opt.coefficients(opt.losses(loss))
+    est = torch.cat([sum(c * direction(p, (3, 0), j, i) for j, c in enumerate(coeffs)).reshape(-1)
+                     for i, p in enumerate(opt.params)])
+    cos = float(est @ g / (est.norm() * g.norm()))
+    assert cos > 0.8 * math.sqrt(q / (q + d)), cos
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.step(loss)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, before - 0.5 * est, rtol=0, atol=1e-12)
+
+
+def test_spsa_queries_leave_parameters_bit_identical_and_see_the_perturbed_weights():
+    """Each layer reads W + mu z (tied weights alike), stored parameters never change; frozen
+    parameters are not perturbed."""
+    from zohpc.models.gpt import GPT, GPTConfig
+    from zohpc.zo.spsa import direction, perturbed, trainable
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=16, context=8, layers=1, heads=2, width=8))
+    model.wpe.weight.requires_grad_(False)  # frozen: read as stored
+    tokens = torch.randint(0, 16, (2, 8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), perturbed(model, (1, 2), 3, 1e-2):
+        got = model(tokens)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    ref = GPT(GPTConfig(vocab=16, context=8, layers=1, heads=2, width=8))
+    ref.load_state_dict(model.state_dict())
+    ref.wpe.weight.requires_grad_(False)
+    with torch.no_grad():
+        for i, p in enumerate(trainable(ref)):
+            p.add_(1e-2 * direction(p, (1, 2), 3, i))
+        want = ref(tokens)
+    assert torch.equal(got, want)
+    assert torch.equal(ref.wpe.weight, model.wpe.weight)
+
+
+SPSA = TINY[:3] + ["task.d_model=16", "task.ff=32", "task.layers=2", "task.seq_len=8", "task.train_size=64",
+                   "task.test_size=32", "data.batch_size=32", "zo.estimator=spsa", "zo.difference=central",
+                   "zo.spsa_queries=2", "zo.mu=0.001", "optim.lr=0.01", "optim.momentum=0.9", "zo.spsa_check_every=1"]
+
+
+def final_params(out):
+    from zohpc.checkpoint import list_checkpoints, load_checkpoint
+
+    ck = load_checkpoint(list_checkpoints(str(out))[0])
+    return ck.params, ck.optimizer
+
+
+def assert_same_run(a, b):
+    (pa, oa), (pb, ob) = final_params(a), final_params(b)
+    for n in pa:
+        assert torch.equal(pa[n], pb[n]), n
+    assert oa["param_groups"][0]["spsa_step"] == ob["param_groups"][0]["spsa_step"]
+
+
+@pytest.fixture(scope="module")
+def spsa_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spsa") / "two"
+    p = train(2, out, *SPSA, "train.epochs=3")
+    assert_clean(p)
+    return out
+
+
+def test_token_transformer_trains_by_spsa_on_two_ranks_bit_identical_to_one(spsa_run, tmp_path):
+    evals = records(spsa_run, "eval")
+    assert len(evals) == 3 and evals[-1]["test_acc"] is not None
+    steps = records(spsa_run, "step")
+    assert len(steps) == 6 and all(r["queries"] == 4 for r in steps)
+    one = tmp_path / "one"
+    assert_clean(train(1, one, *SPSA, "train.epochs=3"))
+    assert_same_run(spsa_run, one)  # no parameter broadcast: every rank applied the same update
+
+
+def test_spsa_resume_is_bit_identical(spsa_run, tmp_path):
+    out = tmp_path / "r"
+    assert_clean(train(2, out, *SPSA, "train.epochs=3", "train.max_steps=3"))  # same lr schedule, stops at 3
+    p = run_ranks(2, ["-m", "zohpc.train", "--out", str(out), "--resume", "auto", *sum(
+        (["--set", s] for s in SPSA + ["train.epochs=3"]), [])], timeout=180)
+    assert_clean(p)
+    assert_same_run(spsa_run, out)
+
+
+def test_stop_inside_an_spsa_step_exits_75_and_resumes_bit_identical(spsa_run, tmp_path):
+    out = tmp_path / "s"
+    # rank 1's 6th stop check: before its second query of step 3 (two queries per rank per step)
+    p = train(2, out, *SPSA, "train.epochs=3", ZOHPC_TEST_SIGNAL="step:6:1")
+    assert_clean(p, 75)
+    assert "at step 2" in p.stdout + p.stderr
+    p = run_ranks(2, ["-m", "zohpc.train", "--out", str(out), "--resume", "auto", *sum(
+        (["--set", s] for s in SPSA + ["train.epochs=3"]), [])], timeout=180)
+    assert_clean(p)
+    assert_same_run(spsa_run, out)
