@@ -18,6 +18,7 @@ from .base import Task
 
 BUILTIN = {
     "classify": "zohpc.tasks.classify:build",
+    "hf": "zohpc.tasks.hf:build",
 }
 
 
