@@ -35,7 +35,7 @@ FULL = {"docs": 6000, "pretrain_epochs": 4, "pretrain_lr": 3e-3, "hidden": 32, "
         "train_size": 2048, "test_size": 1024, "batch_size": 64, "budget": 6000, "rank": 4, "alpha": 8.0,
         "fo_epochs": 3, "fo_lr": 1e-2, "spsa_lr": 1e-2, "spsa_queries": 2, "lizo_lr": 0.05, "lizo_n": 8,
         "mu": 1e-3, "seed": 0}
-QUICK = dict(FULL, docs=1500, pretrain_epochs=2, train_size=512, test_size=256, budget=500, fo_epochs=1)
+QUICK = dict(FULL, docs=600, pretrain_epochs=1, train_size=256, test_size=128, budget=120, fo_epochs=1)
 TARGET = "q_proj|v_proj"
 
 
@@ -71,7 +71,7 @@ def pretrain(s: dict, path: str) -> dict:
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-            loss = float(out.loss)
+            loss = float(out.loss.detach())
     lm.eval()
     lm.save_pretrained(path)
     tok.save_pretrained(path)

@@ -30,6 +30,7 @@ OPTIONS = {"path": "", "hidden": 32, "layers": 2, "heads": 4, "train_size": 2048
 def _transformers():
     os.environ["HF_HUB_OFFLINE"] = "1"  # never a download, whatever the path says
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import transformers
     except ImportError:
@@ -37,6 +38,7 @@ def _transformers():
 
         raise ConfigError(f"task 'hf': needs the transformers library: {EXTRA_HINT}") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     return transformers
 
 
