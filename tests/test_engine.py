@@ -159,7 +159,8 @@ def test_cge_matches_autograd_resnet20_sampled():
 
 
 def test_dropout_refused():
-    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 2))
+    check_deterministic(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0)))  # p = 0: an identity, accepted
+    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 2))
     with pytest.raises(UserError, match="Dropout"):
         check_deterministic(m)
     with pytest.raises(UserError, match="2"):

@@ -48,11 +48,13 @@ class ModelConfig:
 
 @dataclass
 class ZOConfig:
-    estimator: str = "cge"  # cge | rge
+    estimator: str = "cge"  # cge | rge | lizo | spsa (optim.name = "lizo" is an alias of lizo)
     mu: float = 5e-3
     difference: str = "forward"  # forward | central
     query_batch: int = 32  # perturbed copies evaluated in one stacked forward
     rge_queries: int = 64  # directions per step for RGE
+    spsa_queries: int = 2  # Gaussian directions per step for SPSA (split over the ranks)
+    spsa_check_every: int = 50  # SPSA: steps between replica checksum checks (0 = never)
     features: str = "auto"  # broadcast | recompute | auto (measured at start-up)
     feature_reuse: bool = True  # false: every CGE query is a full forward (for comparisons)
 
@@ -134,7 +136,7 @@ class Config:
 
 CHOICES = {
     "data.name": ("digits", "cifar10", "mnist", "hdf5", "synthetic"),
-    "zo.estimator": ("cge", "rge"),
+    "zo.estimator": ("cge", "rge", "lizo", "spsa"),
     "zo.difference": ("forward", "central"),
     "zo.features": ("auto", "broadcast", "recompute"),
     "prune.method": ("none", "zo_grasp", "grasp", "random", "magnitude"),
@@ -154,6 +156,8 @@ RANGES = {
     "zo.mu": (lambda v: v > 0, "> 0"),
     "zo.query_batch": (lambda v: v >= 1, ">= 1"),
     "zo.rge_queries": (lambda v: v >= 1, ">= 1"),
+    "zo.spsa_queries": (lambda v: v >= 1, ">= 1"),
+    "zo.spsa_check_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
     "prune.sparsity": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "prune.mask_interval": (lambda v: v >= 0, ">= 0"),
     "prune.queries": (lambda v: v >= 1, ">= 1"),
@@ -305,8 +309,21 @@ def get(cfg: Config, dotted: str):
     return getattr(getattr(cfg, section), key)
 
 
+def estimator_name(cfg: Config) -> str:
+    """The estimator: ``zo.estimator``; the old ``optim.name = "lizo"`` is an alias of
+    ``zo.estimator = "lizo"`` (configs written before the two keys merged keep working)."""
+    return "lizo" if cfg.optim.name == "lizo" else cfg.zo.estimator
+
+
+# estimators that search every trainable parameter (masks and pruning do not apply)
+DENSE_ESTIMATORS = ("lizo", "spsa")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks across the whole tree, plus existence of the data directory."""
+    if cfg.optim.name == "lizo" and cfg.zo.estimator not in ("cge", "lizo"):
+        raise ConfigError(f"config key 'optim.name': 'lizo' is the old spelling of zo.estimator = \"lizo\" and "
+                          f"conflicts with zo.estimator = {cfg.zo.estimator!r}; set only zo.estimator")
     for dotted, choices in CHOICES.items():
         value = get(cfg, dotted)
         if value not in choices:

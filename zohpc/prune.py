@@ -50,10 +50,12 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError, DataError
 from .masks import layer_ratios, maskable_names, masks_from_scores, write_mask_file
 from .seeding import generator
+from .inputs import model_input
 from .stop import no_check
 from .zo.batchnorm import batch_stats_only
 from .zo.coords import Coordinates
@@ -143,13 +145,14 @@ def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int
 def grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """Autograd ``(g, Hg)`` over all parameters, on the same loss as :func:`zo_grasp_hg`."""
     p0 = next(model.parameters())
-    x = x.to(device=p0.device, dtype=p0.dtype)
+    x = model_input(x, p0)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    with batch_stats_only(model):
+    # the math attention kernel: the fused ones have no double backward (Hg needs it)
+    with batch_stats_only(model), sdpa_kernel([SDPBackend.MATH]):
         loss = cross_entropy64(torch.func.functional_call(model, params, (x,)), y.to(p0.device))[0]
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-    z = sum((g.detach() * g).sum() for g in grads)
-    hg = torch.autograd.grad(z, list(params.values()))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        z = sum((g.detach() * g).sum() for g in grads)
+        hg = torch.autograd.grad(z, list(params.values()))
     names = list(params)
     return ({n: g.detach() for n, g in zip(names, grads)}, {n: h.detach() for n, h in zip(names, hg)})
 

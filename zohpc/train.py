@@ -19,7 +19,7 @@ import time
 
 from . import metrics as rec
 from .comm import run_main
-from .config import Config, load_config
+from .config import DENSE_ESTIMATORS, Config, estimator_name, load_config
 from .errors import EXIT_PREEMPTED, UserError
 from .progress import Progress
 from .rundir import Plan, plan_start, prepare_directory
@@ -126,7 +126,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
     else:
         trainer.metrics.write(rec.Start(ranks=comm.size, model=type(trainer.model).__name__
                                         if task.name != "classify" else cfg.model.name, params=params,
-                                        masks=_masks_what(cfg), estimator=_estimator_name(cfg), task=task.name,
+                                        masks=_masks_what(cfg), estimator=estimator_name(cfg), task=task.name,
                                         time=time.time()))
     last_saved = trainer.step if plan.checkpoint is not None else None
     try:
@@ -142,7 +142,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
                          f"full forward, stacked {cfg.zo.query_batch} at a time")
         progress.say(f"{progress.prog}: {task.name} {_describe(task, cfg)}, {params:,} parameters"
                      f"{f' ({trained:,} trained: LoRA)' if cfg.lora.target else ''}, "
-                     f"{comm.size} rank(s) x {runtime.threads} thread(s), {_estimator_name(cfg).upper()}, "
+                     f"{comm.size} rank(s) x {runtime.threads} thread(s), {estimator_name(cfg).upper()}, "
                      f"masks: {trainer.masks.source}, {trainer.total_steps - trainer.step} step(s) to go"
                      + (f", out: {run_dir}" if run_dir else ""))
         ready = rec.Ready(startup_seconds=time.time() - t_process, step=trainer.step,
@@ -182,14 +182,10 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
     return 0, summary
 
 
-def _estimator_name(cfg: Config) -> str:
-    return "lizo" if cfg.optim.name == "lizo" else cfg.zo.estimator
-
-
 def _masks_what(cfg: Config) -> str:
     if cfg.prune.masks_file:
         return f"from {cfg.prune.masks_file}"
-    if cfg.optim.name == "lizo" or cfg.prune.method == "none" or cfg.prune.sparsity == 0:
+    if estimator_name(cfg) in DENSE_ESTIMATORS or cfg.prune.method == "none" or cfg.prune.sparsity == 0:
         return "dense"
     return f"{cfg.prune.method} pruning at sparsity {cfg.prune.sparsity}"
 

@@ -15,16 +15,17 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as rec
-from .config import Config, to_toml
+from .config import DENSE_ESTIMATORS, Config, estimator_name, to_toml
 from .data import epoch_batches
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, UserError
+from .inputs import model_input
 from .masks import layer_ratios, layerwise_random_masks, mask_draw, read_mask_file
-from .steps import CGEStep, LIZOStep, RGEStep
+from .steps import attempt, build_step, settle
 from .steps.protocol import standard
 from .sharding import contiguous_split
-from .stop import Preempted, StepAbandoned, no_check
+from .stop import no_check
 from .zo import Coordinates
-from .zo.engine import NondeterministicModelError, QueryEngine, check_deterministic
+from .zo.engine import check_deterministic
 from .zo.objective import Objective
 
 log = logging.getLogger("zohpc.train")
@@ -76,15 +77,25 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
 
 
 def build_optimizer(cfg: Config, model, comm):
-    """The configured optimizer over the trainable parameters (frozen ones are never updated)."""
+    """The optimizer of the configured estimator: LIZO and SPSA are their own (SPSA takes
+    ``optim.momentum``, or Adam's ``optim.betas`` with ``optim.name = "adam"``); CGE and RGE
+    step ``optim.name`` (sgd | adam) on their estimates."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones are never updated
     if not params:
         raise ConfigError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    if o.name == "sgd":
+    name = estimator_name(cfg)
+    if name == "spsa":
+        from .optim import SPSA
+
+        return SPSA(model, lr=o.lr, mu=cfg.zo.mu, queries=cfg.zo.spsa_queries, difference=cfg.zo.difference,
+                    momentum=o.momentum if o.name == "sgd" else 0.0,
+                    betas=tuple(o.betas) if o.name == "adam" else None, weight_decay=o.weight_decay,
+                    seed=cfg.train.seed, comm=comm)
+    if name != "lizo" and o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.momentum > 0)
-    if o.name == "adam":
+    if name != "lizo" and o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     from .optim import LIZO
 
@@ -92,34 +103,6 @@ def build_optimizer(cfg: Config, model, comm):
     return LIZO(params, lr=o.lr, num_sample_per_step=o.num_sample_per_step, reuse_distance_bound=bound,
                 max_reuse_rate=o.max_reuse_rate, orthogonal_sample=o.orthogonal_sample, line_search=o.line_search,
                 weight_decay=o.weight_decay, sample_norm=cfg.zo.mu, comm=comm, seed=cfg.train.seed)
-
-
-def make_engine(model, objective, cfg: Config):
-    """The CGE query engine: per-layer feature reuse, or full forwards with the reason why."""
-    from .zo.stacked import FullForwardEngine
-
-    if not cfg.zo.feature_reuse:
-        return FullForwardEngine(model, objective, cfg.zo.query_batch), "zo.feature_reuse = false"
-    try:
-        return QueryEngine(model, objective=objective, query_batch=cfg.zo.query_batch), None
-    except NondeterministicModelError:
-        raise
-    except ConfigError as exc:  # the model cannot be traced: every query is a full forward
-        return FullForwardEngine(model, objective, cfg.zo.query_batch), str(exc)
-
-
-def stoppable(stop, fn):
-    """Run a piece of work that a stop may cut short, then agree: Preempted on every rank if
-    any rank abandoned it or was asked to stop. ``fn`` is collective-free, or its collectives
-    raise StepAbandoned on every rank alike (``Comm.allgatherv_or_abandon``)."""
-    result, abandoned = None, False
-    try:
-        result = fn()
-    except StepAbandoned:
-        abandoned = True
-    if stop is not None and stop.agreed(abandoned):
-        raise Preempted()
-    return result
 
 
 def _injected_failure():
@@ -156,11 +139,10 @@ class Trainer:
         self.metrics = rec.MetricsLog(None)
         self.masks = MaskSchedule({n: p.shape for n, p in self.model.named_parameters()}, cfg.train.seed,
                                   cfg.prune.mask_interval)
-        self.costs: list[float] | None = None
+        self.step_state: dict = {}  # the step object's state (CGE: its query costs), checkpointed
         self.estimator = None
         self.coords = None
         self.current_draw = None
-        self.rebalances_left = 0
         self.reuse_off_reason = None
         self.run_id = ""
 
@@ -182,7 +164,9 @@ class Trainer:
             scheduler={"base_lrs": list(self.base_lrs)},
             rng={"torch": torch.get_rng_state()},
             metrics=self.metrics.history,
-            extra={"batch_in_epoch": self.batch_in_epoch, "costs": list(self.costs or []),
+            extra={"batch_in_epoch": self.batch_in_epoch,
+                   "costs": list((self.estimator.state_dict() if self.estimator else self.step_state).get("costs")
+                                 or []),
                    "mask_ratios": self.masks.ratios, "mask_source": self.masks.source,
                    "mask_fixed": self.masks.fixed is not None, "run_id": self.run_id,
                    "frozen_sha256": self.frozen_sha256()})
@@ -223,7 +207,7 @@ class Trainer:
         self.step, self.epoch = state.step, state.epoch
         extra = state.extra
         self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
-        self.costs = list(extra.get("costs") or []) or None
+        self.step_state = {"costs": list(extra.get("costs") or [])}
         self.metrics = rec.MetricsLog(self.metrics.path, state.metrics)
         ratios = extra.get("mask_ratios")
         if ratios is None and state.masks:  # checkpoints written before ratios were stored
@@ -244,64 +228,33 @@ class Trainer:
             fixed = {n: m.to(torch.bool) for n, m in mf.masks.items()}
             self.masks = MaskSchedule(self.masks.shapes, cfg.train.seed, cfg.prune.mask_interval,
                                       ratios=mf.ratios, fixed=fixed, source=f"{cfg.prune.masks_file} ({mf.method})")
-        elif cfg.prune.method != "none" and cfg.prune.sparsity > 0 and cfg.optim.name != "lizo":
+        elif cfg.prune.method != "none" and cfg.prune.sparsity > 0 and estimator_name(cfg) not in DENSE_ESTIMATORS:
             from .prune import prune_masks
 
             custom = self.task.loss is not None or self.task.batched_loss is not None
-            masks, ratios = stoppable(self.stop, lambda: prune_masks(
+            outcome = attempt(lambda: prune_masks(
                 self.model, cfg.prune.method, cfg.prune.sparsity, splits_for_pruning, cfg.prune, cfg.train.seed, comm,
                 query_batch=cfg.zo.query_batch, check=self.stop.check if self.stop else no_check,
                 objective=self.objective if custom else None))
+            settle(comm, self.stop, outcome)
+            masks, ratios = outcome.value
             self.masks = MaskSchedule(self.masks.shapes, cfg.train.seed, cfg.prune.mask_interval,
                                       ratios=ratios, fixed=masks, source=f"{cfg.prune.method} at sparsity "
                                       f"{cfg.prune.sparsity}")
 
     def setup_estimator(self) -> None:
-        """The step object of the configured estimator, and (CGE) the query cost model."""
-        cfg, comm = self.cfg, self.comm
-        if cfg.optim.name == "lizo":
-            self.estimator = LIZOStep(comm, self.model, self.optimizer, self.objective, stop=self.stop)
-        elif cfg.zo.estimator == "rge":
-            from .zo.stacked import StackedForward
-
-            evaluator = StackedForward(self.model, self.objective, cfg.zo.query_batch)
-            self.estimator = RGEStep(comm, self.model, evaluator, mu=cfg.zo.mu, queries=cfg.zo.rge_queries,
-                                     seed=cfg.train.seed, stop=self.stop)
-        else:
-            engine, reason = make_engine(self.model, self.objective, cfg)
-            self.reuse_off_reason = reason
-            self.estimator = CGEStep(comm, self.model, engine, mu=cfg.zo.mu, difference=cfg.zo.difference,
-                                     stop=self.stop)
+        """The step object of the configured estimator (``zohpc.steps.build_step``) with its
+        state from the checkpoint, set up on the current coordinates."""
+        inside = self.progress.inside_step if self.progress is not None else None
+        self.estimator = build_step(self.cfg, self.comm, self.model, self.optimizer, self.objective,
+                                    stop=self.stop, progress=inside)
+        self.estimator.load_state_dict(self.step_state)
+        self.reuse_off_reason = getattr(self.estimator, "reuse_off_reason", None)
         self._refresh_coords()
 
     def _first_batch(self):
         return self.batch(epoch_batches(self.train_x.shape[0], self.batch_size, self.cfg.train.seed, self.epoch)[0],
                           0)
-
-    def _cge_costs(self, coords) -> list[float]:
-        """Seconds per query of each parameter: the FLOP model calibrated by a few timings on
-        every rank (stoppable), averaged over the ranks so that all agree."""
-        engine = self.estimator.engine
-        if not isinstance(engine, QueryEngine):
-            return [1.0] * len(coords.counts)  # full forwards: every query costs the same
-        from .zo.costs import calibrated_costs
-
-        x, y = self._first_batch()
-        error = None
-
-        def work():
-            nonlocal error
-            try:
-                return calibrated_costs(engine, coords, x, y, check=self.stop.check if self.stop else no_check)
-            except UserError as exc:  # the task's objective failed: every rank reports it below
-                error = f"{exc} (cost model, before step 1)"
-                return [0.0] * len(coords.counts)
-
-        local = stoppable(self.stop, work)
-        self.comm.raise_if_any(error)
-        costs = torch.tensor(local, dtype=torch.float64)
-        self.comm.allreduce_sum_(costs)
-        return (costs / self.comm.size).tolist()
 
     def _refresh_coords(self) -> None:
         """New active coordinates when the mask draw changes (epoch boundaries)."""
@@ -310,29 +263,10 @@ class Trainer:
             return
         self.current_draw = draw
         self.coords = Coordinates(self.model, self.masks.masks(self.epoch))
-        if isinstance(self.estimator, CGEStep):
-            if not self.costs:
-                self.costs = self._cge_costs(self.coords)
-            self.estimator.set_coords(self.coords, self.costs)
-            if self.comm.size > 1 and isinstance(self.estimator.engine, QueryEngine):
-                self.estimator.features = self._features_mode()
-            self.rebalances_left = 2
-            log.info("coords %d, shard %s, predicted imbalance %.3f, features %s", self.coords.total,
-                     self.estimator.shard, self.estimator.predicted_imbalance(), self.estimator.features)
-        else:
-            self.estimator.set_coords(self.coords)
+        self.estimator.setup(self.coords, self._first_batch())
         if not any(r.draw == draw for r in self.metrics.records(rec.Masks)):
             self.metrics.write(rec.Masks(epoch=self.epoch, draw=draw, active_coords=self.coords.total,
                                          time=time.time()))
-
-    def _features_mode(self) -> str:
-        mode = self.cfg.zo.features
-        if mode != "auto":
-            return mode
-        from .steps.cge import choose_features_mode
-
-        x, y = self._first_batch()
-        return choose_features_mode(self.comm, self.estimator.engine, x, y)
 
     # ------------------------------------------------------------------ data
     def batch(self, idx: torch.Tensor, batch_index: int):
@@ -341,9 +275,7 @@ class Trainer:
         x = self.train_x[idx]
         if self.task.augment is not None:
             x = self.task.augment(x, self.epoch, batch_index)
-        x = standard(x.to(self.device))
-        if x.is_floating_point():
-            x = x.to(next(self.model.parameters()).dtype)
+        x = standard(model_input(x, next(self.model.parameters())))
         return x, standard(self.train_y[idx].to(self.device))
 
     # ------------------------------------------------------------------ one step
@@ -353,32 +285,11 @@ class Trainer:
             group["lr"] = base * factor
         return self.optimizer.param_groups[0]["lr"]
 
-    @torch.no_grad()
-    def _update_running_stats(self, x) -> None:
-        """The driver's one unperturbed train-mode forward per step updates BatchNorm statistics."""
-        self.model.train()
-        self.model(x)
-
     def train_step(self, x, y):
-        """One step of the configured estimator at ``self.step`` (see ``zohpc.steps``)."""
-        coords = self.coords
+        """One step of the configured estimator at ``self.step``, its update included."""
         if _injected_failure() == (self.comm.rank, self.step):
             raise RuntimeError(f"injected failure (ZOHPC_TEST_FAIL_AT) at step {self.step}")
-
-        def apply_update(values, x_batch):
-            if values is not None:
-                self.optimizer.zero_grad(set_to_none=False)
-                coords.fill_grad(self.model, values.to(self.device))
-                self.optimizer.step()
-            self._update_running_stats(x_batch)
-
-        if self.progress is not None:
-            self.estimator.progress = self.progress.inside_step(self.step)
-        result = self.estimator(x, y, self.step, apply_update)
-        if self.rebalances_left > 0:
-            self.rebalances_left -= 1
-            self.estimator.rebalance(result.compute)
-        return result
+        return self.estimator(x, y, self.step)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -390,29 +301,24 @@ class Trainer:
         bs = self.cfg.data.test_batch_size
         nb = -(-tx.shape[0] // bs)
         bounds = contiguous_split(nb, comm.size)
-        rows, error = [], None
-        dtype = next(self.model.parameters()).dtype
+        rows = []
+        first = next(self.model.parameters())
 
         def work():
-            nonlocal error
             self.model.eval()
             try:
                 for b in range(bounds[comm.rank], bounds[comm.rank + 1]):
                     if self.stop is not None:
                         self.stop.check()
-                    x = tx[b * bs:(b + 1) * bs].to(self.device)
-                    x = x.to(dtype) if x.is_floating_point() else x
+                    x = model_input(tx[b * bs:(b + 1) * bs], first)
                     y = ty[b * bs:(b + 1) * bs].to(self.device)
                     out = self.model(x)
                     loss = float(self.objective(out, y, 1)[0])
                     rows.append((x.shape[0], loss, self._metrics(out, y)))
-            except UserError as exc:
-                error = f"{exc} (evaluation at step {self.step})"
             finally:
                 self.model.train()
 
-        stoppable(self.stop, work)
-        comm.raise_if_any(error)
+        settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
         last = comm.size - 1  # the split puts larger blocks last: the last rank always has a batch
         keys = comm.bcast_strings(sorted(rows[0][2]) if comm.rank == last else None, root=last)
         sums = torch.zeros(2 + len(keys), dtype=torch.float64)

@@ -17,6 +17,8 @@ BENCHES = {
     "scaling": "distributed sparse-CGE step under mpirun -n K",
     "lizo": "LIZO with/without reuse vs ZO-SGD on test functions",
     "prune": "ZO-GraSP against its FLOP floor (2q plain forwards of the pruning batch over K ranks)",
+    "memory": "peak memory: inference vs SPSA step vs Adam step on a GPT-2-small-sized model",
+    "spsa": "SPSA over MPI: steps/s on 2 ranks vs 1, and bit-identical parameters",
 }
 
 

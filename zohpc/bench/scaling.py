@@ -56,21 +56,15 @@ def run(comm, args) -> int:
     coords = Coordinates(model, masks)
     engine = QueryEngine(model, query_batch=args.query_batch)
     stop = StopRequest(comm)
-    step_fn = CGEStep(comm, model, engine, mu=5e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step_fn = CGEStep(comm, model, engine, optimizer, mu=5e-3)
     t0 = time.perf_counter()
     costs = torch.tensor(calibrated_costs(engine, coords, x, y), dtype=torch.float64)
     comm.allreduce_sum_(costs)
     cost_model_seconds = comm.allreduce_max(time.perf_counter() - t0)
     step_fn.set_coords(coords, (costs / comm.size).tolist())
     step_fn.features = choose_features_mode(comm, engine, x, y) if args.features == "auto" else args.features
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def apply_update(values, xb):
-        optimizer.zero_grad(set_to_none=False)
-        coords.fill_grad(model, values)
-        optimizer.step()
-        with torch.no_grad():
-            model(xb)  # running statistics, as in training
+    step_fn.rebalances_left = 2  # as training does after its first steps
 
     rows = {False: [], True: []}
     for i in range(args.warmup + 2 * args.steps):
@@ -78,10 +72,8 @@ def run(comm, args) -> int:
         step_fn.stop = stop if checked else None
         comm.barrier()
         t_step = time.perf_counter()
-        result = step_fn(x.clone(), y.clone(), i, apply_update)
+        result = step_fn(x.clone(), y.clone(), i)
         step_seconds = comm.allreduce_max(time.perf_counter() - t_step)
-        if i < 2:
-            step_fn.rebalance(result.compute)  # as training does after its first steps
         t = result.times
         row = torch.tensor([t["forward"], t["compute"], t["gather"], t["update"], step_seconds], dtype=torch.float64)
         table = comm.gatherv(row, [5] * comm.size)

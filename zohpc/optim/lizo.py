@@ -376,10 +376,19 @@ class LIZO(Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure=None):
-        """One LIZO step; returns the loss at the iterate before the step (a float)."""
+    def step(self, closure=None, check=None):
+        """One LIZO step; returns the loss at the iterate before the step (a float).
+
+        ``check()``: called between this rank's queries for this step only (a stop check,
+        see :attr:`query_check`)."""
         if closure is None:
             raise ValueError("LIZO.step needs a closure that returns the loss (no backward)")
+        if check is not None:
+            saved, self._runner.check = self._runner.check, check
+            try:
+                return self.step(closure)
+            finally:
+                self._runner.check = saved
         params = self._params()
         st = self._state(params)
         self._gen.set_state(st[K_RNG].cpu())

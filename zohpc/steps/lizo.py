@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import torch
 
-from ..errors import UserError
-from ..stop import StepAbandoned, no_check
+from ..stop import no_check
 from ..zo.batchnorm import batch_stats_only
-from .protocol import StepResult, settle, share_batch, share_state
+from .protocol import StepResult, attempt, finish, settle, share_batch
 
 
 class LIZOStep:
@@ -24,21 +22,20 @@ class LIZOStep:
     def __init__(self, comm, model, optimizer, objective, *, stop=None):
         self.comm, self.model, self.optimizer, self.objective, self.stop = comm, model, optimizer, objective, stop
         self.coords = None
-        self.progress = None
+        self.queries_per_step = int(getattr(optimizer, "defaults", {}).get("num_sample_per_step", 0))
 
-    def set_coords(self, coords, costs=None) -> None:
+    def setup(self, coords, sample_batch=None) -> None:
         self.coords = coords  # LIZO searches all parameters (masks do not apply)
 
-    def rebalance(self, compute) -> None:
-        """The optimizer splits its queries evenly."""
+    def state_dict(self) -> dict:
+        return {}  # the optimizer's state holds everything LIZO keeps
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, apply_update) -> StepResult:
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing beyond the optimizer's state."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         comm, model, optimizer = self.comm, self.model, self.optimizer
-        t0 = time.perf_counter()
         share_batch(comm, x, y)
-        # the stop check runs between the optimizer's sharded queries, where every rank
-        # leaves together (see zohpc.comm.Comm.allgatherv_or_abandon)
-        optimizer.query_check = self.stop.check if self.stop is not None else no_check
 
         @torch.no_grad()
         def closure():
@@ -48,24 +45,19 @@ class LIZOStep:
         # the optimizer mutates its state as it goes: keep the last completed step's state
         saved = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
         q0 = optimizer.num_queries
-        loss, abandoned, error = math.nan, False, None
+        # the stop check runs between the optimizer's sharded queries, where every rank
+        # leaves together (see zohpc.comm.Comm.allgatherv_or_abandon)
+        check = self.stop.check if self.stop is not None else no_check
+        outcome = attempt(lambda: float(optimizer.step(closure, check=check)))
+        loss = math.nan if outcome.value is None else outcome.value
         try:
-            loss = float(optimizer.step(closure))
-        except StepAbandoned:
-            abandoned = True
-        except UserError as exc:
-            error = str(exc)
-        compute = time.perf_counter() - t0
-        try:
-            every = settle(comm, self.stop, step, compute, abandoned, error)
+            every = settle(comm, self.stop, outcome, f"step {step + 1}")
         except BaseException:
             with torch.no_grad():
                 for p, s in zip(model.parameters(), saved[0]):
                     p.copy_(s)
             optimizer.load_state_dict(saved[1])
             raise
-        if comm.is_driver:
-            apply_update(None, x)  # BatchNorm running statistics (the driver's forward)
-        share_state(comm, model)
+        finish(comm, model, x)  # BatchNorm running statistics (the driver's forward)
         return StepResult(loss=loss, queries=int(optimizer.num_queries - q0), compute=every,
-                          times={"compute": compute})
+                          times={"compute": outcome.seconds})

@@ -35,19 +35,30 @@ class Task:
     name -> mean value over the batch (averaged over the test set weighted by batch size).
     ``augment(x, epoch, batch_index) -> x``: optional deterministic augmentation of a
     training batch (a pure function of its arguments, so every rank and a resumed run agree).
-    ``loss=None`` means mean cross entropy over class labels (the engine's fast path).
+    ``loss=None`` (the default, with no ``batched_loss``) means mean cross entropy over class
+    labels (the engine's fast path); such a classifier without ``metrics`` gets
+    :func:`accuracy` (``"accuracy"`` in the evaluation records).
+    Inputs may be token ids (integer tensors): they reach the model unchanged in every phase;
+    only floating-point inputs are cast to the model's dtype.
+    Dropout modules are accepted with ``p = 0`` only (finite differences need a fixed forward;
+    PyTorch's encoder layers take ``dropout=0.0``).
     ``info``: free-form facts for the log (data set name, sizes).
     """
 
     model: nn.Module
     train: Any
-    loss: Callable[[torch.Tensor, torch.Tensor], Any] | None
+    loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
     test: Any = None
     batched_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
     name: str = "task"
     augment: Callable | None = None
     info: dict = field(default_factory=dict)
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1 accuracy over class labels: the metric of every cross-entropy classifier."""
+    return {"accuracy": float((outputs.argmax(1) == targets).double().mean())}
 
 
 def task_options(cfg, defaults: dict, task: str) -> dict:

@@ -3,15 +3,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..data import augment_batch, load_data
-from .base import Task, task_options
+from .base import Task, accuracy, task_options
 from .loading import build_model_from_config
-
-
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict:
-    return {"accuracy": float((outputs.argmax(1) == targets).double().mean())}
 
 
 def build(cfg) -> Task:

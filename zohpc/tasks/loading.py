@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UserError
-from .base import Task
+from ..inputs import model_input
+from .base import Task, accuracy
 
 BUILTIN = {
     "classify": "zohpc.tasks.classify:build",
@@ -107,6 +108,8 @@ def check_task(task, name: str) -> Task:
                 raise UserError(f"task '{name}': test {what} have shape {tuple(b.shape[1:])} per example, "
                                 f"train {what} {tuple(a.shape[1:])}")
     probe(task, name)
+    if task.loss is None and task.batched_loss is None and task.metrics is None:
+        task.metrics = accuracy  # cross entropy over class labels: a classifier (the probe checked it)
     return task
 
 
@@ -134,9 +137,7 @@ def probe(task: Task, name: str) -> None:
             xb = task.augment(xb, 0, 0)
             if not isinstance(xb, torch.Tensor):
                 raise TypeError(f"augment returned {type(xb).__name__}, not a tensor")
-        xb = xb.to(first.device)
-        if xb.is_floating_point():
-            xb = xb.to(first.dtype)
+        xb = model_input(xb, first)
         with batch_stats_only(task.model):
             out = task.model(xb)
     except Exception as exc:  # noqa: BLE001 - the plug-in's model or augment is the user's to fix

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from ..errors import ConfigError
+from ..inputs import model_input
 from ..sharding import largest_divisor
 from ..stop import no_check
 from .objective import Objective
@@ -71,17 +72,36 @@ class NondeterministicModelError(ConfigError):
 
 
 def check_deterministic(model: nn.Module) -> None:
-    """Raise NondeterministicModelError naming the first random module (any dropout, any p)."""
+    """Raise NondeterministicModelError naming the first random module; dropout with p = 0 is
+    an identity and is accepted (PyTorch's transformer layers always hold Dropout modules).
+
+    Policy: active dropout is refused with one line saying how to turn it off (p = 0), never
+    switched off silently: a forward that differs between queries makes finite differences noise.
+    """
     for name, mod in model.named_modules():
-        if isinstance(mod, _RANDOM_MODULES):
+        if isinstance(mod, _RANDOM_MODULES) and not getattr(mod, "p", None) == 0:
             raise NondeterministicModelError(
-                f"model module {name!r} ({type(mod).__name__}) is random; zeroth-order training "
-                f"needs a deterministic forward pass (remove dropout)")
+                f"model module {name!r} ({type(mod).__name__}"
+                + (f", p={mod.p}" if hasattr(mod, "p") else "") + ") is random; zeroth-order training "
+                f"needs a deterministic forward pass: build it with p=0 (e.g. dropout=0.0 in "
+                f"nn.TransformerEncoderLayer) or remove it")
+
+
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      torch.dropout}
+
+
+def _zero_dropout(n: fx.Node) -> bool:
+    """A functional dropout call whose probability is the constant 0 (an identity)."""
+    if n.target not in _DROPOUT_FUNCTIONS:
+        return False
+    p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+    return isinstance(p, (int, float)) and p == 0
 
 
 def _check_graph_deterministic(graph: fx.Graph) -> None:
     for n in graph.nodes:
-        if (n.op == "call_function" and n.target in _RANDOM_FUNCTIONS) or (
+        if (n.op == "call_function" and n.target in _RANDOM_FUNCTIONS and not _zero_dropout(n)) or (
                 n.op == "call_method" and n.target in _RANDOM_METHODS):
             raise NondeterministicModelError(
                 f"model forward calls random op {getattr(n.target, '__name__', n.target)!r} "
@@ -707,7 +727,7 @@ class QueryEngine:
     def prepare(self, x, y):
         """Unperturbed forward (batch statistics), caching every intermediate value; base loss."""
         dev, dtype = self.params[0].device, self.params[0].dtype
-        x = torch.as_tensor(x).to(device=dev, dtype=dtype)
+        x = model_input(x, self.params[0])  # token ids stay integers
         self.env = None  # a failure below leaves the engine unprepared, never half-prepared
         env = self._forward_cache(self._fmt(x))
         env = {n: self._fmt(v) for n, v in env.items()}
@@ -752,12 +772,15 @@ class QueryEngine:
         return [self.env[n].contiguous() for n in self._feat_nodes]
 
     @torch.no_grad()
-    def feature_shapes(self, x_shape) -> list:
-        """(shape, dtype) of each feature_tensors() entry for an input batch of shape ``x_shape``.
+    def feature_shapes(self, x_shape, x_dtype=None) -> list:
+        """(shape, dtype) of each feature_tensors() entry for an input batch of shape ``x_shape``
+        and dtype ``x_dtype`` (default: the model's; token ids: an integer dtype).
 
         Found with one forward pass on zeros (start-up cost), so receivers can allocate buffers.
         """
         dev, dtype = self.params[0].device, self.params[0].dtype
+        if x_dtype is not None and not x_dtype.is_floating_point:
+            dtype = x_dtype
         env = self._forward_cache(torch.zeros(tuple(x_shape), device=dev, dtype=dtype))
         if self._feat_nodes is None:
             self._set_feat_nodes(env)
@@ -771,7 +794,7 @@ class QueryEngine:
         """
         tensors = list(tensors)
         if self._feat_nodes is None:
-            self.feature_shapes(tuple(tensors[0].shape))
+            self.feature_shapes(tuple(tensors[0].shape), tensors[0].dtype)
         if len(tensors) != len(self._feat_nodes):
             raise ValueError(f"expected {len(self._feat_nodes)} feature tensors, got {len(tensors)}")
         env = {}

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..inputs import model_input
 from ..sharding import largest_divisor
 from ..stop import no_check
 from .batchnorm import batch_stats_only
@@ -79,9 +80,7 @@ class StackedForward:
         own training-mode forward (same batch statistics, same value). Call it again after
         the model's parameters change (the point is read here).
         """
-        x = torch.as_tensor(x).to(self.device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
+        x = model_input(x, next(self.model.parameters()))
         self._y = y.to(self.device) if isinstance(y, torch.Tensor) else y
         if center is None:
             self._theta = [p.detach() for p in self.model.parameters()]

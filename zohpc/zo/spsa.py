@@ -1,0 +1,149 @@
+"""SPSA at inference-level memory (MeZO's trick, restored exactly): Gaussian directions
+``z_j`` regenerated from (seed, step, j, parameter) chunk by chunk, and perturbed weights
+that exist only while a layer reads them.
+
+Why not perturb in place and subtract again: ``(θ + μz) − μz ≠ θ`` in float32, so the
+replicas and a resumed run would drift. Here the stored parameters are never written during
+the queries: :func:`perturbed` gives every module that owns a trainable parameter a property
+of the same name that returns ``W + s·μ·z`` computed on access (one temporary the size of that
+weight, freed when the layer is done), so tied weights read the same perturbation wherever
+they are used. Only parameters with ``requires_grad=True`` are perturbed (LoRA's frozen base
+is read as stored).
+
+Memory: parameters + one inference forward + the largest single weight (its perturbed
+temporary) + ``q + 1`` chunks of :data:`CHUNK` floats in the update. Momentum adds one
+buffer per trainable parameter, Adam two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..seeding import derive_seed
+
+TAG = "spsa-direction"
+CHUNK = 1 << 20  # elements per noise chunk: fixed, so every rank and every phase draws the same values
+
+
+def _generator(seed_parts, j: int, index: int, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(TAG, *seed_parts, int(j), int(index)))
+    return gen
+
+
+def noise_chunks(p: torch.Tensor, seed_parts, j: int, index: int):
+    """Yield ``(start, stop, gen)``: fill ``[start, stop)`` of the flat direction of parameter
+    ``index`` with ``torch.randn(stop - start, generator=gen)`` (in this order)."""
+    gen = _generator(seed_parts, j, index, p.device)
+    n = p.numel()
+    for a in range(0, n, CHUNK):
+        yield a, min(n, a + CHUNK), gen
+
+
+def perturbed_value(p: torch.Tensor, seed_parts, j: int, index: int, scale: float) -> torch.Tensor:
+    """A new tensor ``p + scale * z_j`` (``p`` itself is only read)."""
+    out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    flat, src = out.view(-1), p.detach().reshape(-1)
+    for a, b, gen in noise_chunks(p, seed_parts, j, index):
+        torch.randn(b - a, generator=gen, dtype=p.dtype, device=p.device, out=flat[a:b])
+        flat[a:b].mul_(scale).add_(src[a:b])
+    return out
+
+
+def direction(p: torch.Tensor, seed_parts, j: int, index: int) -> torch.Tensor:
+    """The whole direction ``z_j`` of one parameter (tests and references)."""
+    return perturbed_value(torch.zeros_like(p), seed_parts, j, index, 1.0)
+
+
+_SUBCLASSES: dict = {}
+
+
+def _swapped_class(cls, names: tuple):
+    key = (cls, names)
+    if key not in _SUBCLASSES:
+        def prop(name):
+            return property(lambda self: self._zohpc_perturb(name))
+        _SUBCLASSES[key] = type(cls.__name__, (cls,), {n: prop(n) for n in names})
+    return _SUBCLASSES[key]
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters SPSA acts on, in ``model.parameters()`` order (each once)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, seed_parts, j: int, scale: float):
+    """Inside, the model computes at ``θ + scale·z_j`` over its trainable parameters; the
+    stored parameters are untouched (see the module docstring). Not re-entrant."""
+    index = {id(p): i for i, p in enumerate(trainable(model))}
+    swapped = []
+    for mod in model.modules():
+        names = tuple(n for n, p in mod._parameters.items() if p is not None and id(p) in index)
+        if not names:
+            continue
+        cls = mod.__class__
+        mod.__class__ = _swapped_class(cls, names)
+        own = {n: mod._parameters[n] for n in names}
+        mod._zohpc_perturb = lambda name, own=own: perturbed_value(own[name], seed_parts, j, index[id(own[name])],
+                                                                   scale)
+        swapped.append((mod, cls))
+    try:
+        yield
+    finally:
+        for mod, cls in swapped:
+            mod.__class__ = cls
+            del mod._zohpc_perturb
+
+
+@torch.no_grad()
+def update_(params, seed_parts, coeffs, lr: float, *, weight_decay: float = 0.0, state=None,
+            momentum: float = 0.0, adam=None) -> None:
+    """``θ ← θ − lr · u`` in place, chunk by chunk, with ``g = Σ_j coeffs[j] z_j`` (plus
+    ``weight_decay · θ``) and ``u = g`` (SGD), the momentum buffer ``m ← momentum·m + g``, or
+    Adam ``adam = (beta1, beta2, eps, t)``. ``state[i]``: the buffers of parameter i (created
+    on first use). Every rank runs this with the same values and gets the same bits."""
+    coeffs = [float(c) for c in coeffs]
+    for i, p in enumerate(params):
+        flat = p.detach().view(-1)
+        st = state.setdefault(i, {}) if state is not None else {}
+        if momentum > 0 and "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(flat)
+        if adam is not None and "exp_avg" not in st:
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
+        gens = [list(noise_chunks(p, seed_parts, j, i)) for j in range(len(coeffs))]
+        z = torch.empty(min(CHUNK, flat.numel()), dtype=p.dtype, device=p.device)
+        for c, (a, b, _) in enumerate(gens[0] if gens else []):
+            g = torch.zeros(b - a, dtype=p.dtype, device=p.device)
+            for j, coef in enumerate(coeffs):
+                torch.randn(b - a, generator=gens[j][c][2], dtype=p.dtype, device=p.device, out=z[:b - a])
+                g.add_(z[:b - a], alpha=coef)
+            if weight_decay:
+                g.add_(flat[a:b], alpha=weight_decay)
+            if adam is not None:
+                beta1, beta2, eps, t = adam
+                m, v = st["exp_avg"][a:b], st["exp_avg_sq"][a:b]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+                flat[a:b].addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                continue
+            if momentum > 0:
+                buf = st["momentum_buffer"][a:b]
+                buf.mul_(momentum).add_(g)
+                g = buf
+            flat[a:b].add_(g, alpha=-lr)
+
+
+def checksum(params) -> torch.Tensor:
+    """Cheap replica fingerprint: float64 sums of each parameter and of its squares."""
+    out = torch.zeros(2, dtype=torch.float64)
+    for p in params:
+        for chunk in p.detach().reshape(-1).split(CHUNK):  # never a float64 copy of a whole weight
+            d = chunk.double()
+            out[0] += d.sum().cpu()
+            out[1] += (d * d).sum().cpu()
+    return out
