@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +91,16 @@ class OptimConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (:mod:`zohpc.lora`); ``target = ""``: none, every parameter trains."""
+
+    target: str = ""  # regular expression (re.search) over module names: the nn.Linear layers adapted
+    rank: int = 8
+    alpha: float = 16.0  # the update is (alpha / rank) B A
+    trainable: str = ""  # regular expression over parameter names also trained (e.g. a new head)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 30
     seed: int = 0
@@ -122,6 +133,7 @@ class Config:
     zo: ZOConfig = field(default_factory=ZOConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -167,6 +179,8 @@ RANGES = {
     "optim.num_sample_per_step": (lambda v: v >= 1, ">= 1"),
     "optim.reuse_distance_bound": (lambda v: v == -1 or v >= 0, "-1 (= 2 * lr) or >= 0"),
     "optim.max_reuse_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lora.rank": (lambda v: v >= 1, ">= 1"),
+    "lora.alpha": (lambda v: v > 0, "> 0"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.seed": (lambda v: v >= 0, ">= 0"),
     "train.log_every_seconds": (lambda v: v > 0, "> 0"),
@@ -336,6 +350,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.dir': '{cfg.data.dir}' does not exist")
     if cfg.prune.masks_file and not os.path.isfile(cfg.prune.masks_file):
         raise ConfigError(f"config key 'prune.masks_file': '{cfg.prune.masks_file}' does not exist")
+    for dotted in ("lora.target", "lora.trainable"):
+        try:
+            re.compile(get(cfg, dotted))
+        except re.error as exc:
+            raise ConfigError(f"config key '{dotted}': {get(cfg, dotted)!r} is not a regular expression ({exc})") from None
+    if cfg.lora.trainable and not cfg.lora.target:
+        raise ConfigError("config key 'lora.trainable': needs lora.target (the adapters it trains beside)")
     if not cfg.run.out:
         raise ConfigError("config key 'run.out': must name an output directory")
     from .models import MODEL_NAMES  # late import: models import torch

@@ -37,12 +37,13 @@ MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 # ---------------------------------------------------------------------------- which weights
 def maskable_names(model: nn.Module) -> list[str]:
-    """Names of conv/linear weights, in ``named_parameters`` order (the masked coordinates)."""
+    """Names of trainable conv/linear weights, in ``named_parameters`` order (the masked
+    coordinates; frozen weights have no active coordinate to mask)."""
     weight_ids = set()
     for module in model.modules():
         if isinstance(module, MASKABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
             weight_ids.add(id(module.weight))
-    return [name for name, p in model.named_parameters() if id(p) in weight_ids]
+    return [name for name, p in model.named_parameters() if id(p) in weight_ids and p.requires_grad]
 
 
 def maskable_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -58,7 +58,8 @@ from .seeding import generator
 from .inputs import model_input
 from .stop import no_check
 from .zo.batchnorm import batch_stats_only
-from .zo.rge import rge_coefficients, rge_combine, sharded_losses
+from .zo.coords import Coordinates
+from .zo.rge import active_scatter, rge_coefficients, rge_combine, sharded_losses
 from .zo.stacked import StackedForward
 
 METHODS = ("zo_grasp", "grasp", "random", "magnitude")
@@ -117,20 +118,27 @@ def _unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int = 192, mu: float = 5e-3,
                 seed: int = 0, comm=None, *, objective=None, query_batch: int = 32, check=no_check):
-    """ZO estimates ``(g0, Hg)`` over all parameters, as dicts name -> tensor (see the module docstring).
+    """ZO estimates ``(g0, Hg)`` over the trainable parameters (zeros for frozen ones), as dicts
+    name -> tensor (see the module docstring); frozen parameters are never perturbed.
 
     ``objective``: ``(outputs, targets, Q) -> (Q,)`` (default :func:`cross_entropy64`).
     """
     fwd = StackedForward(model, cross_entropy64 if objective is None else objective, query_batch)
-    d, parts = fwd.dim, (int(seed),)
+    coords = Coordinates(model)  # the trainable coordinates
+    scatter = None if coords.total == fwd.dim else active_scatter(coords)
+
+    def full(v):
+        return v if scatter is None else scatter(v[None])[0]
+
+    d, parts = coords.total, (int(seed),)
     # every rank computes the base losses; a task error there is reported on every rank (exit 2)
     prepare = fwd.prepare if comm is None else (lambda *a, **k: comm.agree(fwd.prepare, *a, **k))
     f0 = float(prepare(x, y))
-    d0 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f0) / mu
-    g0 = rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG)
+    d0 = (sharded_losses(fwd, d, parts, queries, mu, comm, scatter=scatter, check=check, tag=DIRECTION_TAG) - f0) / mu
+    g0 = full(rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG))
     f1 = float(prepare(x, y, center=_flat_params(model).double() + mu * g0))
-    d1 = (sharded_losses(fwd, d, parts, queries, mu, comm, check=check, tag=DIRECTION_TAG) - f1) / mu
-    hg = rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG)  # (g1 - g0) / mu
+    d1 = (sharded_losses(fwd, d, parts, queries, mu, comm, scatter=scatter, check=check, tag=DIRECTION_TAG) - f1) / mu
+    hg = full(rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG))  # (g1 - g0) / mu
     return _unflatten(model, g0), _unflatten(model, hg)
 
 

@@ -94,12 +94,16 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         runtime = setup_runtime(comm, cfg.train.device)
     with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
         task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
+        if cfg.lora.target:
+            from .lora import apply_lora
+
+            comm.agree(apply_lora, task.model, cfg.lora, cfg.train.seed)
         trainer = comm.agree(Trainer, task, cfg, comm, runtime, stop=stop, progress=progress)
-        share_state(comm, trainer.model)  # identical replicas, whatever the factory did per rank
+        share_state(comm, trainer.model, frozen=True)  # identical replicas, whatever the factory did per rank
     if plan.checkpoint is not None:
         path, state = plan.checkpoint
         comm.agree(trainer.load_state_dict, state)
-        share_state(comm, trainer.model)
+        share_state(comm, trainer.model, frozen=True)
         if trainer.step >= trainer.total_steps:
             progress.say(f"{progress.prog}: run {run_dir} is already complete (step {trainer.step} of "
                          f"{trainer.total_steps}, epoch {trainer.epoch} of {cfg.train.epochs}); nothing to do")
@@ -116,6 +120,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
             trainer.metrics.sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
     log.info("rank %d/%d local %d/%d %s", comm.rank, comm.size, comm.local_rank, comm.local_size, runtime.describe())
     params = sum(p.numel() for p in trainer.model.parameters())
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if plan.checkpoint is not None:
         trainer.metrics.write(rec.Resume(step=trainer.step, checkpoint=plan.checkpoint[0],
                                          changed=plan.changed, ranks=comm.size))
@@ -138,7 +143,8 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         if trainer.reuse_off_reason:
             progress.say(f"{progress.prog}: feature reuse off ({trainer.reuse_off_reason}): every query is a "
                          f"full forward, stacked {cfg.zo.query_batch} at a time")
-        progress.say(f"{progress.prog}: {task.name} {_describe(task, cfg)}, {params:,} parameters, "
+        progress.say(f"{progress.prog}: {task.name} {_describe(task, cfg)}, {params:,} parameters"
+                     f"{f' ({trained:,} trained: LoRA)' if cfg.lora.target else ''}, "
                      f"{comm.size} rank(s) x {runtime.threads} thread(s), {estimator_name(cfg).upper()}, "
                      f"masks: {trainer.masks.source}, {trainer.total_steps - trainer.step} step(s) to go"
                      + (f", out: {run_dir}" if run_dir else ""))

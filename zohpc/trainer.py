@@ -81,7 +81,9 @@ def build_optimizer(cfg: Config, model, comm):
     ``optim.momentum``, or Adam's ``optim.betas`` with ``optim.name = "adam"``); CGE and RGE
     step ``optim.name`` (sgd | adam) on their estimates."""
     o = cfg.optim
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones are never updated
+    if not params:
+        raise ConfigError("the model has no trainable parameters (every parameter has requires_grad=False)")
     name = estimator_name(cfg)
     if name == "spsa":
         from .optim import SPSA
@@ -146,11 +148,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        """Everything a checkpoint holds: the keyword arguments of ``checkpoint.save_checkpoint``."""
+        """Everything a checkpoint holds: the keyword arguments of ``checkpoint.save_checkpoint``.
+
+        Parameters: the trainable ones only. Frozen parameters (the base under LoRA adapters)
+        never change; a resumed run re-makes them from the task (its factory, or the Hugging
+        Face directory) and :meth:`load_state_dict` checks them against ``frozen_sha256``, so a
+        checkpoint holds the adapters and resume stays exact."""
         masks = self.masks.masks(self.epoch) or {}
         return dict(
             step=self.step, epoch=self.epoch, config_toml=to_toml(self.cfg),
-            params={n: p.detach().cpu() for n, p in self.model.named_parameters()},
+            params={n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
             buffers={n: b.detach().cpu() for n, b in self.model.named_buffers()},
             masks={n: m.cpu() for n, m in masks.items()},
             optimizer=self.optimizer.state_dict(),
@@ -161,12 +168,26 @@ class Trainer:
                    "costs": list((self.estimator.state_dict() if self.estimator else self.step_state).get("costs")
                                  or []),
                    "mask_ratios": self.masks.ratios, "mask_source": self.masks.source,
-                   "mask_fixed": self.masks.fixed is not None, "run_id": self.run_id})
+                   "mask_fixed": self.masks.fixed is not None, "run_id": self.run_id,
+                   "frozen_sha256": self.frozen_sha256()})
+
+    def frozen_sha256(self) -> str:
+        """Fingerprint of the frozen parameters ("" when every parameter is trained); computed once."""
+        if getattr(self, "_frozen_sha256", None) is None:
+            from .lora import frozen_fingerprint
+
+            self._frozen_sha256 = frozen_fingerprint(self.model)
+        return self._frozen_sha256
 
     @torch.no_grad()
     def load_state_dict(self, state: ckpt.Checkpoint) -> None:
         """Restore a checkpoint (after checking that it fits this model); no pruning ever."""
-        for kind, ours, theirs in (("parameter", dict(self.model.named_parameters()), state.params),
+        stored = str(state.extra.get("frozen_sha256", ""))
+        if stored != self.frozen_sha256():
+            raise CheckpointError(f"{state.path}: the frozen parameters differ from the checkpoint's (a changed base "
+                                  f"model, or another lora setting): resume needs the base it was trained on")
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for kind, ours, theirs in (("parameter", trainable, state.params),
                                    ("buffer", dict(self.model.named_buffers()), state.buffers)):
             if set(ours) != set(theirs):
                 diff = sorted(set(ours) ^ set(theirs))

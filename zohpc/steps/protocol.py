@@ -148,12 +148,14 @@ def has_running_stats(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def share_state(comm, model: torch.nn.Module) -> None:
-    """Broadcast the driver's parameters and floating-point buffers (BatchNorm running
-    statistics) as one flat vector, so every replica is identical."""
+def share_state(comm, model: torch.nn.Module, frozen: bool = False) -> None:
+    """Broadcast the driver's trainable parameters and floating-point buffers (BatchNorm
+    running statistics) as one flat vector, so every replica is identical. Frozen parameters
+    never change after start-up: ``frozen=True`` (start-up, resume) sends them too."""
     if comm.size == 1:
         return
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    tensors = [p for p in model.parameters() if frozen or p.requires_grad]
+    tensors += [b for b in model.buffers() if b.is_floating_point()]
     flat = parameters_to_vector(tensors).detach().contiguous()
     comm.bcast_(flat)
     if not comm.is_driver:

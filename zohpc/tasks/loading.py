@@ -19,6 +19,7 @@ from .base import Task, accuracy
 
 BUILTIN = {
     "classify": "zohpc.tasks.classify:build",
+    "hf": "zohpc.tasks.hf:build",
 }
 
 

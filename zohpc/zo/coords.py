@@ -4,6 +4,11 @@ Coordinates are the scalar entries of every parameter tensor, in ``model.named_p
 order, flat (row-major) index ascending within a tensor. A mask (bool tensor shaped like the
 parameter) removes entries; unmasked parameters are fully active. The order is a pure function
 of the model and the masks, so every MPI rank derives the same one without communication.
+
+Frozen parameters (``requires_grad=False``: the base weights under LoRA adapters) keep their
+place in the order with no active entry, whatever a mask says: no estimator queries them,
+``scatter`` gives them zeros and ``fill_grad`` leaves their ``grad`` None, so no optimizer
+touches them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class Coordinates:
             self.param_names.append(name)
             self.shapes.append(p.shape)
             self.numels.append(p.numel())
+            if not p.requires_grad:
+                self._indices.append(torch.zeros(0, dtype=torch.long))
+                self.counts.append(0)
+                continue
             m = masks.get(name)
             if m is None:
                 self._indices.append(None)
@@ -101,12 +110,13 @@ class Coordinates:
         return out
 
     def fill_grad(self, model: nn.Module, values: torch.Tensor) -> None:
-        """Set ``p.grad`` of every parameter from ``values`` so any torch.optim optimizer can step."""
+        """Set ``p.grad`` of every trainable parameter from ``values`` so any torch.optim
+        optimizer can step; frozen parameters keep ``grad = None`` (optimizers skip them)."""
         params = list(model.parameters())
         if len(params) != len(self.shapes):
             raise ValueError("model does not match these coordinates")
         for p, g in zip(params, self.scatter(values)):
-            p.grad = g.to(device=p.device, dtype=p.dtype)
+            p.grad = g.to(device=p.device, dtype=p.dtype) if p.requires_grad else None
 
     def gather(self, tensors) -> torch.Tensor:
         """Inverse of scatter: the active entries of per-parameter tensors as one 1-D tensor."""
