@@ -36,8 +36,8 @@ class CGEStep:
                  features: str = "recompute", stop=None, progress=None):
         self.comm, self.model, self.engine, self.optimizer = comm, model, engine, optimizer
         self.mu, self.difference, self.stop, self.progress = mu, difference, stop, progress
-        if not hasattr(engine, "feature_tensors"):
-            features = "recompute"  # the full-forward fallback caches no features
+        if not engine.shares_features:
+            features = "recompute"  # the full-forward fallback caches no features to share
         self.features_choice = features
         self.features = "recompute" if features == "auto" else features
         self.coords: Coordinates | None = None

@@ -44,6 +44,7 @@ class EngineBase:
     base = None
     check = staticmethod(no_check)
     free_queries = 0  # coordinates answered without a query (exact), since construction
+    shares_features = False  # True: feature_tensors/feature_shapes/load_features can replace prepare on workers
 
     def query(self, param_index: int, flat, steps) -> torch.Tensor:
         raise NotImplementedError

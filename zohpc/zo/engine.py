@@ -69,6 +69,8 @@ class QueryEngine(FeatureCache, EngineBase):
     back to full forward passes.
     """
 
+    shares_features = True
+
     def __init__(self, model: nn.Module, objective: Objective | None = None, *, query_batch: int = 32,
                  max_elements: int | None = None, channels_last: bool = True):
         check_deterministic(model)
