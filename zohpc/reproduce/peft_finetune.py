@@ -98,23 +98,22 @@ def _common(s: dict) -> list[str]:
             "train.log_every_seconds=60"]
 
 
-def zo_method(s: dict, base: str, overrides: list[str], out: str, per_step_guess: float) -> dict:
-    """Train LoRA adapters by zohpc.run until the next step would pass the query budget.
+def zo_method(s: dict, base: str, overrides: list[str], out: str, max_per_step: int) -> dict:
+    """Train LoRA adapters by zohpc.run until the next step could pass the query budget.
 
-    A first segment runs ``budget / per_step_guess`` steps; while the mean queries per step
-    observed leave room, the run resumes (bit for bit) with a higher ``train.max_steps``."""
+    ``max_per_step``: the most queries one step can take (SPSA: its directions plus the base
+    loss; LIZO: its samples plus the base, fewer when it reuses). Each segment runs as many
+    steps as surely fit in the room left, so the budget is never passed; while room for a
+    step is left, the run resumes (bit for bit) with a higher ``train.max_steps``."""
     import zohpc
 
     task = load_task(s, base)
-    steps, summary, resume = max(1, int(s["budget"] // per_step_guess)), None, None
+    steps, summary, resume = max(1, int(s["budget"] // max_per_step)), None, None
     t0 = time.perf_counter()
-    for _ in range(4):
+    for _ in range(8):
         summary = zohpc.run(task, overrides=_common(s) + overrides + [f"train.max_steps={steps}"], out=out,
                             resume=resume)
-        used = int(summary["queries"])
-        room = s["budget"] - used
-        per_step = used / max(1, summary["steps"])
-        more = int(room // per_step)
+        more = (s["budget"] - int(summary["queries"])) // max_per_step
         if more < 1:
             break
         steps, resume = summary["steps"] + more, "auto"
@@ -160,7 +159,7 @@ def run(comm, out_dir: str, quick: bool) -> dict:
     comm.barrier()
     spsa = _spsa_overrides(s)
     methods["spsa"] = zo_method(s, base, spsa + ["optim.name=sgd", f"optim.lr={s['spsa_lr']}"],
-                                os.path.join(runs, "spsa"), s["spsa_queries"])
+                                os.path.join(runs, "spsa"), s["spsa_queries"] + 1)
     methods["spsa"]["estimator"] = spsa[0].split("=")[1]
     lizo = ["optim.name=lizo", f"optim.lr={s['lizo_lr']}", f"optim.num_sample_per_step={s['lizo_n']}"]
     methods["lizo"] = zo_method(s, base, lizo + ["optim.reuse_distance_bound=-1"], os.path.join(runs, "lizo"),
