@@ -11,13 +11,14 @@ they are used. Only parameters with ``requires_grad=True`` are perturbed (LoRA's
 is read as stored).
 
 Memory: parameters + one inference forward + the largest single weight (its perturbed
-temporary) + ``q + 1`` chunks of :data:`CHUNK` floats in the update. Momentum adds one
+temporary) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
 buffer per trainable parameter, Adam two.
 """
 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -28,28 +29,54 @@ TAG = "spsa-direction"
 CHUNK = 1 << 20  # elements per noise chunk: fixed, so every rank and every phase draws the same values
 
 
-def _generator(seed_parts, j: int, index: int, device) -> torch.Generator:
+def _chunk_generator(seed_parts, j: int, index: int, chunk: int, device) -> torch.Generator:
+    """Chunk ``chunk`` of direction ``j`` of parameter ``index`` has its own stream, so chunks
+    can be drawn in any order, on any thread, and still give the same values."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(TAG, *seed_parts, int(j), int(index)))
+    gen.manual_seed(derive_seed(TAG, *seed_parts, int(j), int(index), int(chunk)))
     return gen
 
 
-def noise_chunks(p: torch.Tensor, seed_parts, j: int, index: int):
-    """Yield ``(start, stop, gen)``: fill ``[start, stop)`` of the flat direction of parameter
-    ``index`` with ``torch.randn(stop - start, generator=gen)`` (in this order)."""
-    gen = _generator(seed_parts, j, index, p.device)
-    n = p.numel()
-    for a in range(0, n, CHUNK):
-        yield a, min(n, a + CHUNK), gen
+def _chunks(n: int) -> list[tuple[int, int, int]]:
+    return [(c, a, min(n, a + CHUNK)) for c, a in enumerate(range(0, n, CHUNK))]
+
+
+def fill_noise(out: torch.Tensor, seed_parts, j: int, index: int, chunk: int) -> torch.Tensor:
+    """Fill ``out`` (the elements of one chunk) with that chunk of ``z_j``; returns ``out``."""
+    return torch.randn(out.numel(), generator=_chunk_generator(seed_parts, j, index, chunk, out.device),
+                       dtype=out.dtype, device=out.device, out=out)
+
+
+_POOL: dict = {}
+
+
+def _for_each_chunk(n: int, device, work) -> None:
+    """Run ``work(chunk, start, stop)`` over the chunks of ``n`` elements. On the CPU the chunks
+    run on up to ``torch.get_num_threads()`` threads (drawing the noise is serial per generator
+    and would otherwise bound the step); every chunk writes only its own slice."""
+    chunks = _chunks(n)
+    workers = min(torch.get_num_threads(), len(chunks))
+    if workers <= 1 or torch.device(device).type != "cpu":
+        for c in chunks:
+            work(*c)
+        return
+    pool = _POOL.get(workers)
+    if pool is None:
+        pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="zohpc-spsa-noise")
+    for f in [pool.submit(work, *c) for c in chunks]:
+        f.result()
 
 
 def perturbed_value(p: torch.Tensor, seed_parts, j: int, index: int, scale: float) -> torch.Tensor:
     """A new tensor ``p + scale * z_j`` (``p`` itself is only read)."""
     out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     flat, src = out.view(-1), p.detach().reshape(-1)
-    for a, b, gen in noise_chunks(p, seed_parts, j, index):
-        torch.randn(b - a, generator=gen, dtype=p.dtype, device=p.device, out=flat[a:b])
-        flat[a:b].mul_(scale).add_(src[a:b])
+
+    def work(c, a, b):
+        fill_noise(flat[a:b], seed_parts, j, index, c)
+        flat[a:b].mul_(scale).add_(src[a:b])  # round(scale * z) first, as p + scale * z reads (no FMA)
+
+    _for_each_chunk(flat.numel(), p.device, work)
     return out
 
 
@@ -107,6 +134,8 @@ def update_(params, seed_parts, coeffs, lr: float, *, weight_decay: float = 0.0,
     Adam ``adam = (beta1, beta2, eps, t)``. ``state[i]``: the buffers of parameter i (created
     on first use). Every rank runs this with the same values and gets the same bits."""
     coeffs = [float(c) for c in coeffs]
+    if not coeffs:
+        return
     for i, p in enumerate(params):
         flat = p.detach().view(-1)
         st = state.setdefault(i, {}) if state is not None else {}
@@ -114,13 +143,13 @@ def update_(params, seed_parts, coeffs, lr: float, *, weight_decay: float = 0.0,
             st["momentum_buffer"] = torch.zeros_like(flat)
         if adam is not None and "exp_avg" not in st:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
-        gens = [list(noise_chunks(p, seed_parts, j, i)) for j in range(len(coeffs))]
-        z = torch.empty(min(CHUNK, flat.numel()), dtype=p.dtype, device=p.device)
-        for c, (a, b, _) in enumerate(gens[0] if gens else []):
-            g = torch.zeros(b - a, dtype=p.dtype, device=p.device)
-            for j, coef in enumerate(coeffs):
-                torch.randn(b - a, generator=gens[j][c][2], dtype=p.dtype, device=p.device, out=z[:b - a])
-                g.add_(z[:b - a], alpha=coef)
+
+        def work(c, a, b, i=i, flat=flat, st=st, p=p):
+            g = fill_noise(torch.empty(b - a, dtype=p.dtype, device=p.device), seed_parts, 0, i, c).mul_(coeffs[0])
+            if len(coeffs) > 1:
+                z = torch.empty_like(g)
+                for j in range(1, len(coeffs)):
+                    g.add_(fill_noise(z, seed_parts, j, i, c), alpha=coeffs[j])
             if weight_decay:
                 g.add_(flat[a:b], alpha=weight_decay)
             if adam is not None:
@@ -130,12 +159,12 @@ def update_(params, seed_parts, coeffs, lr: float, *, weight_decay: float = 0.0,
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
                 flat[a:b].addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-                continue
+                return
             if momentum > 0:
-                buf = st["momentum_buffer"][a:b]
-                buf.mul_(momentum).add_(g)
-                g = buf
+                g = st["momentum_buffer"][a:b].mul_(momentum).add_(g)
             flat[a:b].add_(g, alpha=-lr)
+
+        _for_each_chunk(flat.numel(), p.device, work)
 
 
 def checksum(params) -> torch.Tensor:
