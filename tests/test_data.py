@@ -17,7 +17,9 @@ import torch
 
 from zohpc import data as D
 from zohpc.config import DataConfig
+from zohpc.data import cli as data_cli
 from zohpc.errors import DataError
+from zohpc.seeding import derive_seed
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -365,7 +367,7 @@ def test_hdf5_round_trip_cli(tmp_path, capsys):
         assert torch.equal(a, b)
     # info in-process (the subprocess wrapper is exercised above and in the error test)
     capsys.readouterr()
-    assert D._info(D._build_parser().parse_args(["info", str(out), "--json"])) == 0
+    assert data_cli._info(data_cli._build_parser().parse_args(["info", str(out), "--json"])) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_train"] == 12 and summary["num_test"] == 5
     assert summary["input_shape"] == [1, 28, 28] and summary["num_classes"] == 10
@@ -462,12 +464,12 @@ def test_epoch_batches_deterministic_and_disjoint():
     other_seed = torch.cat(D.epoch_batches(103, 10, seed=6, epoch=2))
     assert not torch.equal(flat, other_epoch) and not torch.equal(flat, other_seed)
     # the documented recipe, so any rank can reproduce it
-    gen = torch.Generator().manual_seed(D.derive_seed("batches", 5, 2))
+    gen = torch.Generator().manual_seed(derive_seed("batches", 5, 2))
     assert torch.equal(flat, torch.randperm(103, generator=gen)[:100])
     # fewer examples than a batch: one batch holding each example once
     (only,) = D.epoch_batches(7, 10, seed=0, epoch=0)
     assert sorted(only.tolist()) == list(range(7))
-    assert D.derive_seed("batches", 1, 0) != D.derive_seed("batches", 0, 1)
+    assert derive_seed("batches", 1, 0) != derive_seed("batches", 0, 1)
 
 
 def test_test_batches_cover_test_set_in_order():
@@ -481,7 +483,7 @@ def test_test_batches_cover_test_set_in_order():
 def _reference_augment(x, seed, epoch, step, pad=4):
     """Slow, obvious version: explicit zero padding, crop and flip per image."""
     b, c, h, w = x.shape
-    gen = torch.Generator().manual_seed(D.derive_seed("augment", seed, epoch, step))
+    gen = torch.Generator().manual_seed(derive_seed("augment", seed, epoch, step))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     flip = torch.rand(b, generator=gen) < 0.5

@@ -307,12 +307,17 @@ def load_config(path: str | None = None, overrides: list[str] = (), out: str | N
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, expand_path(get(cfg, dotted)))
     validate(cfg)
+    check_extras(cfg)
+    return cfg
+
+
+def check_extras(cfg: Config) -> None:
+    """Refuse a config that asks for an optional package that is not installed (one line)."""
     if cfg.logging.tensorboard:
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("config key 'logging.tensorboard': the tensorboard package is not installed "
                               "(pip install 'zohpc[tensorboard]')")
-    return cfg
 
 
 def get(cfg: Config, dotted: str):
@@ -432,9 +437,5 @@ def from_toml_text(text: str, source: str = "stored config", check_paths: bool =
     apply_mapping(cfg, mapping, source)
     if check_paths:
         validate(cfg)
-    if cfg.logging.tensorboard:
-        import importlib.util
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("config key 'logging.tensorboard': the tensorboard package is not installed "
-                              "(pip install 'zohpc[tensorboard]')")
+    check_extras(cfg)
     return cfg

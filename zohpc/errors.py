@@ -3,6 +3,11 @@
 EXIT_USER_ERROR = 2
 
 
+def one_line(text) -> str:
+    """``text`` (a message or an exception) with its white space folded: fit for a one-line error."""
+    return " ".join(str(text).split())
+
+
 class UserError(Exception):
     """Bad input (config, path, file, shape, value): one clear line, exit code 2."""
 

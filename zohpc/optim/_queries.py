@@ -1,8 +1,10 @@
-"""Shared plumbing of the ZO optimizers: the flat parameter vector and distributed queries.
+"""Shared plumbing of the ZO optimizers: the flat parameter vector, distributed queries, agreed decisions.
 
 A query writes a point into the parameters, calls the closure and reads one float. The
 queries of a batch are split over the ranks in contiguous blocks and the loss values are
 all-gathered, so every rank ends up with every value and can take the identical step.
+Ranks may round differently, so a decision that chooses a collective is the driver's
+(rank 0), broadcast (:meth:`QueryRunner.agree`).
 """
 
 from __future__ import annotations
@@ -52,12 +54,30 @@ def write(params, vec: torch.Tensor) -> None:
 
 
 class QueryRunner:
-    """Evaluates batches of points, split over ``comm``'s ranks; times the closure."""
+    """Evaluates batches of points, split over ``comm``'s ranks; times the closure; agrees on decisions."""
 
     def __init__(self, comm=None):
         self.comm = comm
         self.closure_seconds = 0.0
         self.check = no_check  # the stop check between queries (set by the training step)
+
+    @property
+    def ranks(self) -> int:
+        return self.comm.size if self.comm is not None else 1
+
+    def agree(self, values) -> list[float]:
+        """The driver's ``values`` (small numbers) on every rank: decisions are taken from these."""
+        if self.ranks == 1:
+            return [float(v) for v in values]
+        buf = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.comm.bcast_(buf)
+        return buf.tolist()
+
+    def agree_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The driver's tensor ``t`` (contiguous) on every rank, in place."""
+        if self.ranks > 1:
+            self.comm.bcast_(t)
+        return t
 
     def call(self, closure) -> float:
         t0 = time.perf_counter()
@@ -69,7 +89,7 @@ class QueryRunner:
     def evaluate(self, closure, params, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """float64 losses at the rows of ``points``; the parameters are left at ``x``."""
         k = points.shape[0]
-        size = self.comm.size if self.comm is not None else 1
+        size = self.ranks
         rank = self.comm.rank if self.comm is not None else 0
         bounds = contiguous_split(k, size)
         counts = [bounds[r + 1] - bounds[r] for r in range(size)]

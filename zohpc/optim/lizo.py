@@ -35,32 +35,38 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ..seeding import derive_seed
 from ._queries import QueryRunner, first_trainable_index, flat, trainable, write
+from .line_search import armijo_search
+from .lizo_history import (COUNTER_NAMES, K_COUNTERS, K_GRAM, K_LOSSES, K_POINTS, K_RNG, K_X, choose_reuse,
+                           counters_of, init_state, load_exact, reanchor, record_step, update_history)
+from .lizo_system import assemble_gram, draw_directions, finite_rows, solve_unit_rows, usable
 
 log = logging.getLogger("zohpc.optim.lizo")
 
-# optimizer.state keys (all tensors, so a checkpoint writer can store them as arrays)
-K_RNG = "lizo_rng"  # uint8: torch.Generator state of the direction sampler
-K_X = "lizo_x"  # (d,) param dtype: the iterate the history offsets and Gram refer to
-K_POINTS = "lizo_points"  # (m, d) param dtype: absolute query points kept for reuse
-K_LOSSES = "lizo_losses"  # (m,) float64: their losses
-K_GRAM = "lizo_gram"  # (m, m) float64: Gram matrix of the offsets points - x
-K_COUNTERS = "lizo_counters"  # int64: see COUNTER_NAMES
-_EXACT_KEYS = (K_RNG, K_X, K_POINTS, K_LOSSES, K_GRAM, K_COUNTERS)
-
-COUNTER_NAMES = (
-    "steps",  # calls of step()
-    "queries",  # closure evaluations over all ranks (base + fresh + line search + fallback)
-    "reused",  # sample rows taken from earlier steps (no query)
-    "fresh",  # sample rows queried afresh
-    "line_search_queries",  # trial points evaluated by the line search
-    "fallbacks",  # reused rows dropped and resampled because the Gram matrix was ill-conditioned
-    "pinv_solves",  # systems solved by truncated pseudo-inverse (rank-deficient even when fresh)
-    "failed_steps",  # steps with no usable estimate (non-finite base loss): parameters unchanged
-)
+__all__ = ["LIZO", "COUNTER_NAMES", "K_GRAM", "K_LOSSES", "K_POINTS", "K_X", "REFERENCE_SAMPLE_STD"]
 
 REFERENCE_SAMPLE_STD = 1e-5  # the public ReLIZO code's per-coordinate std of a fresh offset
+
+
+def _check_options(lr, num_sample_per_step, reuse_distance_bound, max_reuse_rate, sample_norm, weight_decay,
+                   ls_c, ls_beta, ls_max_backtracks, history_size) -> None:
+    """One ValueError line naming the first LIZO option out of range."""
+    if not lr > 0:
+        raise ValueError(f"LIZO: lr must be > 0, got {lr}")
+    if num_sample_per_step < 1:
+        raise ValueError(f"LIZO: num_sample_per_step must be >= 1, got {num_sample_per_step}")
+    if reuse_distance_bound is not None and not math.isfinite(reuse_distance_bound):
+        raise ValueError(f"LIZO: reuse_distance_bound must be finite, got {reuse_distance_bound}")
+    if not 0.0 <= max_reuse_rate <= 1.0:
+        raise ValueError(f"LIZO: max_reuse_rate must be in [0, 1], got {max_reuse_rate}")
+    if sample_norm is not None and not sample_norm > 0:
+        raise ValueError(f"LIZO: sample_norm must be > 0, got {sample_norm}")
+    if weight_decay < 0:
+        raise ValueError(f"LIZO: weight_decay must be >= 0, got {weight_decay}")
+    if not (0 < ls_c < 1 and 0 < ls_beta < 1 and ls_max_backtracks >= 0):
+        raise ValueError("LIZO: need 0 < ls_c < 1, 0 < ls_beta < 1, ls_max_backtracks >= 0")
+    if history_size is not None and history_size < 0:
+        raise ValueError(f"LIZO: history_size must be >= 0, got {history_size}")
 
 
 class LIZO(Optimizer):
@@ -96,7 +102,6 @@ class LIZO(Optimizer):
         comm: a :class:`zohpc.comm.Comm`; the queries of a step are split over its ranks.
         seed: seed of the direction sampler (every rank draws the same directions).
     """
-
     def __init__(
         self,
         params,
@@ -117,22 +122,8 @@ class LIZO(Optimizer):
         comm=None,
         seed: int = 0,
     ):
-        if not lr > 0:
-            raise ValueError(f"LIZO: lr must be > 0, got {lr}")
-        if num_sample_per_step < 1:
-            raise ValueError(f"LIZO: num_sample_per_step must be >= 1, got {num_sample_per_step}")
-        if reuse_distance_bound is not None and not math.isfinite(reuse_distance_bound):
-            raise ValueError(f"LIZO: reuse_distance_bound must be finite, got {reuse_distance_bound}")
-        if not 0.0 <= max_reuse_rate <= 1.0:
-            raise ValueError(f"LIZO: max_reuse_rate must be in [0, 1], got {max_reuse_rate}")
-        if sample_norm is not None and not sample_norm > 0:
-            raise ValueError(f"LIZO: sample_norm must be > 0, got {sample_norm}")
-        if weight_decay < 0:
-            raise ValueError(f"LIZO: weight_decay must be >= 0, got {weight_decay}")
-        if not (0 < ls_c < 1 and 0 < ls_beta < 1 and ls_max_backtracks >= 0):
-            raise ValueError("LIZO: need 0 < ls_c < 1, 0 < ls_beta < 1, ls_max_backtracks >= 0")
-        if history_size is not None and history_size < 0:
-            raise ValueError(f"LIZO: history_size must be >= 0, got {history_size}")
+        _check_options(lr, num_sample_per_step, reuse_distance_bound, max_reuse_rate, sample_norm, weight_decay,
+                       ls_c, ls_beta, ls_max_backtracks, history_size)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.num_sample_per_step = int(num_sample_per_step)
         bound = None if reuse_distance_bound is None or reuse_distance_bound < 0 else float(reuse_distance_bound)
@@ -173,23 +164,8 @@ class LIZO(Optimizer):
         self._vectors_key, self._vectors = key, (torch.cat(lrs), torch.cat(wds))
         return self._vectors
 
-    _flat = staticmethod(flat)
-    _write = staticmethod(write)
-
     def _state(self, params) -> dict:
-        p0 = params[0]
-        st = self.state[p0]
-        if K_RNG not in st:
-            dim = sum(p.numel() for p in params)
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(derive_seed("lizo-directions", self.seed))
-            st[K_RNG] = gen.get_state()
-            st[K_X] = torch.empty(0, dtype=p0.dtype, device=p0.device)
-            st[K_POINTS] = torch.empty(0, dim, dtype=p0.dtype, device=p0.device)
-            st[K_LOSSES] = torch.empty(0, dtype=torch.float64, device=p0.device)
-            st[K_GRAM] = torch.empty(0, 0, dtype=torch.float64, device=p0.device)
-            st[K_COUNTERS] = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64)
-        return st
+        return init_state(self.state[params[0]], params, self.seed)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps the float64 history exactly (torch casts it to the param dtype)."""
@@ -198,19 +174,11 @@ class LIZO(Optimizer):
         if src is None or K_RNG not in src:
             return
         p0 = self._params()[0]
-        st = self.state[p0]
-        for key in _EXACT_KEYS:
-            device = "cpu" if key in (K_RNG, K_COUNTERS) else p0.device
-            st[key] = src[key].detach().clone().to(device)
+        load_exact(self.state[p0], src, p0.device)
 
     def counters(self) -> dict:
         """Cumulative statistics (identical on every rank): see ``COUNTER_NAMES``."""
-        params = self._params()
-        st = self.state.get(params[0], {})
-        values = st.get(K_COUNTERS)
-        if values is None:
-            return {name: 0 for name in COUNTER_NAMES}
-        return {name: int(v) for name, v in zip(COUNTER_NAMES, values.tolist())}
+        return counters_of(self.state.get(self._params()[0], {}))
 
     @property
     def reuse_rate(self) -> float:
@@ -239,19 +207,7 @@ class LIZO(Optimizer):
         Drawn from the optimizer's own generator, so every rank draws the same rows.
         Subclasses may override it (tests force coordinate or duplicate directions).
         """
-        if k == 0:
-            return torch.empty(0, dim, dtype=torch.float64)
-        z = torch.randn(k, dim, generator=self._gen, dtype=torch.float64)
-        if self.orthogonal_sample:
-            if k > dim:
-                raise ValueError(f"LIZO: orthogonal_sample needs num_sample_per_step <= {dim} (the dimension)")
-            q, r = torch.linalg.qr(z.T)
-            signs = torch.sign(torch.diagonal(r))
-            signs[signs == 0] = 1.0
-            rows = (q * signs).T
-        else:
-            rows = z / z.norm(dim=1, keepdim=True)
-        return rows * self.sample_norm
+        return draw_directions(self._gen, k, dim, self.orthogonal_sample, self.sample_norm)
 
     @property
     def query_check(self):
@@ -268,111 +224,18 @@ class LIZO(Optimizer):
         """Time spent inside ``closure()`` on this rank (step time minus this is the overhead)."""
         return self._runner.closure_seconds
 
-    def _evaluate(self, closure, params, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        return self._runner.evaluate(closure, params, x, points)
-
-    # ------------------------------------------------------------------ agreement over ranks
-    @property
-    def _ranks(self) -> int:
-        return self.comm.size if self.comm is not None else 1
-
-    def _agree(self, values) -> list[float]:
-        """The driver's ``values`` (small numbers) on every rank: decisions are taken from these."""
-        if self._ranks == 1:
-            return [float(v) for v in values]
-        buf = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        self.comm.bcast_(buf)
-        return buf.tolist()
-
-    def _agree_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The driver's tensor ``t`` (contiguous) on every rank, in place."""
-        if self._ranks > 1:
-            self.comm.bcast_(t)
-        return t
-
-    # ------------------------------------------------------------------ local decisions
+    # ------------------------------------------------------------------ local decisions (only the driver's count)
     def _choose_reuse(self, st: dict, bound: float, r_max: int) -> torch.Tensor:
         """Indices of the kept points to reuse: the nearest within ``bound``, at most ``r_max``."""
-        losses_h, gram_h = st[K_LOSSES], st[K_GRAM]
-        empty = torch.empty(0, dtype=torch.long, device=losses_h.device)
-        if not (losses_h.numel() and r_max > 0 and bound > 0):
-            return empty
-        dist2 = torch.diagonal(gram_h)
-        ok = torch.isfinite(losses_h) & (dist2 <= bound * bound) & (dist2 > (1e-2 * self.sample_norm) ** 2)
-        cand = torch.nonzero(ok).flatten()
-        if not cand.numel():
-            return empty
-        order = torch.argsort(dist2[cand], stable=True)
-        return cand[order[:r_max]]
-
-    @staticmethod
-    def _finite_rows(rhs: torch.Tensor):
-        """Mask of usable rows (finite loss difference), or None when all are usable."""
-        good = torch.isfinite(rhs)
-        return None if bool(good.all()) else good
-
-    @staticmethod
-    def _rows(t: torch.Tensor, good, square: bool = False) -> torch.Tensor:
-        if good is None:
-            return t
-        return t[good][:, good] if square else t[good]
+        return choose_reuse(st, bound, r_max, 1e-2 * self.sample_norm)
 
     def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, dim: int):
-        """``(gram^+ rhs, well_conditioned)`` in the unit-row form; ``(None, False)`` if unusable.
-
-        With ``D = diag(|v_i|)``: ``gram^+ rhs = D^-1 (D^-1 gram D^-1)^+ D^-1 rhs`` for a full-rank
-        system; the truncation acts on the unit-row Gram matrix, whose eigenvalues do not depend
-        on how far the rows reach. Well conditioned means rank ``min(rows, dim)`` at tolerance
-        ``gram_rcond``: with more rows than dimensions the matrix is singular by construction.
-        """
-        if gram.numel() == 0 or not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
-            return None, False
-        norms = torch.diagonal(gram).sqrt()
-        if not bool((norms > 0).all()):
-            return None, False
-        unit = gram / norms[:, None] / norms[None, :]
-        evals, evecs = torch.linalg.eigh(unit)
-        lmax = evals[-1]
-        if not lmax > 0:
-            return None, False
-        keep = evals > self.gram_rcond * lmax
-        q = evecs[:, keep]
-        coef = (q @ ((q.T @ (rhs / norms)) / evals[keep])) / norms
-        if not torch.isfinite(coef).all():
-            return None, False
-        return coef, int(keep.sum()) >= min(gram.shape[0], dim)
+        """``(gram^+ rhs, well_conditioned)``: see :func:`.lizo_system.solve_unit_rows`."""
+        return solve_unit_rows(gram, rhs, dim, self.gram_rcond)
 
     def _accept(self, big_f: float, big_f0: float, tau: float, slope: float) -> bool:
         """Armijo with strict decrease, on the penalized loss."""
         return math.isfinite(big_f) and big_f < big_f0 and big_f <= big_f0 - self.ls_c * tau * slope
-
-    # ------------------------------------------------------------------ Gram bookkeeping
-    @staticmethod
-    def _shift_gram(gram: torch.Tensor, offsets: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Gram matrix after every offset row gains ``d``: ``G + a 1^T + 1 a^T + |d|^2 1 1^T``."""
-        a = offsets @ d
-        return gram + a[:, None] + a[None, :] + torch.dot(d, d)
-
-    def _shift_history(self, st: dict, x_from: torch.Tensor, x_to: torch.Tensor) -> None:
-        """Re-anchor the kept points from iterate ``x_from`` to ``x_to`` (analytically)."""
-        if st[K_LOSSES].numel():
-            offsets = st[K_POINTS].double() - x_from.double()
-            d = x_from.double() - x_to.double()
-            if self.recompute_gram:
-                new_off = st[K_POINTS].double() - x_to.double()
-                st[K_GRAM] = new_off @ new_off.T
-            else:
-                st[K_GRAM] = self._shift_gram(st[K_GRAM], offsets, d)
-        st[K_X] = x_to.clone()
-
-    def _assemble(self, off_r, off_f, gram_rr):
-        """System Gram matrix of the rows ``[reused | fresh]``."""
-        if self.recompute_gram:
-            v = torch.cat([off_r, off_f])
-            return v @ v.T
-        g_rf = off_r @ off_f.T
-        g_ff = off_f @ off_f.T
-        return torch.cat([torch.cat([gram_rr, g_rf], 1), torch.cat([g_rf.T, g_ff], 1)])
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -395,10 +258,10 @@ class LIZO(Optimizer):
         counters = st[K_COUNTERS]
         stats = dict(queries=0, reused=0, fresh=0, line_search_queries=0, fallback=False, pinv=False,
                      failed=False, line_search_accepted=None)
-        x = self._flat(params)
+        x = flat(params)
         dim = x.numel()
         if st[K_X].numel() and not torch.equal(st[K_X], x):
-            self._shift_history(st, st[K_X], x)  # parameters changed outside step()
+            reanchor(st, st[K_X], x, self.recompute_gram)  # parameters changed outside step()
         x64 = x.double()
         lr_vec, wd_vec = self._group_vectors()
         lr_vec, wd_vec = lr_vec.to(x.device), wd_vec.to(x.device)
@@ -408,16 +271,16 @@ class LIZO(Optimizer):
         # ---- the reused rows: the driver's choice (it fixes how many fresh queries follow)
         r_max = min(n, int(math.floor(self.max_reuse_rate * n + 1e-9)))
         reuse = self._choose_reuse(st, self.distance_bound(), r_max)
-        if self._ranks > 1 and r_max > 0:
+        if self._runner.ranks > 1 and r_max > 0:
             plan = [reuse.numel()] + reuse.tolist() + [-1] * (r_max - reuse.numel())
-            plan = self._agree(plan)
+            plan = self._runner.agree(plan)
             reuse = torch.tensor(plan[1:1 + int(plan[0])], dtype=torch.long, device=x.device)
         r = reuse.numel()
 
         # ---- fresh rows and their queries (the base query x first)
         fresh_dirs = self.sample_directions(n - r, dim).to(x.device)
         pts_f = (x64 + fresh_dirs).to(x.dtype)
-        values = self._evaluate(closure, params, x, torch.cat([x[None], pts_f]))
+        values = self._runner.evaluate(closure, params, x, torch.cat([x[None], pts_f]))
         stats["queries"] += values.numel()
         f0 = float(values[0])  # every rank holds every value: f0 is agreed
         pts_r = points_h[reuse]
@@ -425,20 +288,20 @@ class LIZO(Optimizer):
         loss_f = values[1:].to(x.device)
         off_r = pts_r.double() - x64
         off_f = pts_f.double() - x64
-        gram = self._assemble(off_r, off_f, gram_h[reuse][:, reuse])
+        gram = assemble_gram(off_r, off_f, gram_h[reuse][:, reuse], self.recompute_gram)
 
         coef, good, ok = None, None, False
         if math.isfinite(f0):
             rhs = torch.cat([loss_r, loss_f]) - f0
-            good = self._finite_rows(rhs)
-            coef, well = self._solve(self._rows(gram, good, True), self._rows(rhs, good), dim)
-            ok, well = (bool(v) for v in self._agree([coef is not None, well]))
+            good = finite_rows(rhs)
+            coef, well = self._solve(usable(gram, good, True), usable(rhs, good), dim)
+            ok, well = (bool(v) for v in self._runner.agree([coef is not None, well]))
             if not (ok and well) and r > 0:
                 # the reused rows made the system (nearly) singular: replace them by fresh rows
                 stats["fallback"] = True
                 extra = self.sample_directions(r, dim).to(x.device)
                 pts_e = (x64 + extra).to(x.dtype)
-                vals_e = self._evaluate(closure, params, x, pts_e).to(x.device)
+                vals_e = self._runner.evaluate(closure, params, x, pts_e).to(x.device)
                 stats["queries"] += vals_e.numel()
                 pts_f = torch.cat([pts_f, pts_e])
                 loss_f = torch.cat([loss_f, vals_e])
@@ -446,11 +309,11 @@ class LIZO(Optimizer):
                 reuse = reuse[:0]
                 r = 0
                 pts_r, loss_r, off_r = pts_r[:0], loss_r[:0], off_r[:0]
-                gram = self._assemble(off_r, off_f, gram_h[:0, :0])
+                gram = assemble_gram(off_r, off_f, gram_h[:0, :0], self.recompute_gram)
                 rhs = loss_f - f0
-                good = self._finite_rows(rhs)
-                coef, well = self._solve(self._rows(gram, good, True), self._rows(rhs, good), dim)
-                ok, well = (bool(v) for v in self._agree([coef is not None, well]))
+                good = finite_rows(rhs)
+                coef, well = self._solve(usable(gram, good, True), usable(rhs, good), dim)
+                ok, well = (bool(v) for v in self._runner.agree([coef is not None, well]))
             stats["pinv"] = ok and not well
         stats["reused"], stats["fresh"] = r, pts_f.shape[0]
         self.last_gram = gram
@@ -462,32 +325,28 @@ class LIZO(Optimizer):
         if not ok:
             stats["failed"] = True
         else:
-            off_sys = self._rows(torch.cat([off_r, off_f]), good)
+            off_sys = usable(torch.cat([off_r, off_f]), good)
             grad = off_sys.T @ coef if coef is not None else torch.zeros_like(x64)
-            grad = self._agree_tensor(grad.contiguous())
+            grad = self._runner.agree_tensor(grad.contiguous())
             self.last_offsets, self.last_grad = off_sys, grad
             grad_tot = grad + wd_vec * x64
             direction = lr_vec * grad_tot
             if self.line_search:
-                x_new = self._line_search(closure, params, x, x64, f0, grad_tot, direction, wd_vec, stats)
+                taus = [self.ls_beta ** k for k in range(self.ls_max_backtracks + 1)]
+                x_new = armijo_search(self._runner, closure, params, x, x64, f0, grad_tot, direction, wd_vec, stats,
+                                      taus, self._accept)
             else:
                 x_new = (x64 - direction).to(x.dtype)
-            self._write(params, x_new)
+            write(params, x_new)
 
         # ---- history: [old iterate x, fresh rows, reused rows, older kept points], re-anchored at x_new
         if math.isfinite(f0):
-            self._update_history(st, x, x64, x_new, f0, pts_f, loss_f, off_f, reuse, pts_r, loss_r, off_r, gram)
+            update_history(st, x, x64, x_new, f0, (pts_f, loss_f, off_f), (reuse, pts_r, loss_r, off_r), gram,
+                           self.history_size, self.recompute_gram)
         st[K_X] = x_new.clone()
         st[K_RNG] = self._gen.get_state()
 
-        counters[0] += 1
-        counters[1] += stats["queries"] + stats["line_search_queries"]
-        counters[2] += stats["reused"]
-        counters[3] += stats["fresh"]
-        counters[4] += stats["line_search_queries"]
-        counters[5] += int(stats["fallback"])
-        counters[6] += int(stats["pinv"])
-        counters[7] += int(stats["failed"])
+        record_step(counters, stats)
         stats["loss"] = f0
         self.last_step_stats = stats
         if log.isEnabledFor(logging.DEBUG):
@@ -495,84 +354,3 @@ class LIZO(Optimizer):
                       int(counters[0]), f0, stats["queries"] + stats["line_search_queries"], stats["reused"],
                       stats["fresh"], stats["line_search_queries"], stats["fallback"], stats["pinv"])
         return f0
-
-    def _update_history(self, st, x, x64, x_new, f0, pts_f, loss_f, off_f, reuse, pts_r, loss_r, off_r, gram):
-        """Keep ``[old iterate, fresh, reused, older]`` (at most ``history_size``), re-anchored at ``x_new``."""
-        losses_h, gram_h, points_h = st[K_LOSSES], st[K_GRAM], st[K_POINTS]
-        dim = x.numel()
-        r = reuse.numel()
-        moved = not torch.equal(x_new, x)
-        keep_r = torch.zeros(losses_h.numel(), dtype=torch.bool, device=x.device)
-        keep_r[reuse] = True
-        old = torch.nonzero(~keep_r & torch.isfinite(losses_h)).flatten()
-        lead = (1 if moved else 0) + pts_f.shape[0] + r
-        old = old[: max(0, self.history_size - lead)]
-        pts_o = points_h[old]
-        off_o = pts_o.double() - x64
-        new_pts = torch.cat(([x[None]] if moved else []) + [pts_f, pts_r, pts_o])
-        new_loss = torch.cat(([torch.tensor([f0], dtype=torch.float64, device=x.device)] if moved else [])
-                             + [loss_f, loss_r, losses_h[old]])
-        offsets = torch.cat(([torch.zeros(1, dim, dtype=torch.float64, device=x.device)] if moved else [])
-                            + [off_f, off_r, off_o])
-        if self.recompute_gram:
-            new_gram = offsets @ offsets.T
-        else:
-            # the system Gram matrix is ordered [r | f]; the history wants [center | f | r | old]
-            nf = off_f.shape[0]
-            g_ff, g_rr, g_rf = gram[r:, r:], gram[:r, :r], gram[:r, r:]
-            g_oo = gram_h[old][:, old]
-            g_or = gram_h[old][:, reuse]
-            g_of = off_o @ off_f.T
-            m = new_loss.numel()
-            new_gram = torch.zeros(m, m, dtype=torch.float64, device=x.device)
-            c = 1 if moved else 0
-            fs, rs, os_ = slice(c, c + nf), slice(c + nf, c + nf + r), slice(c + nf + r, m)
-            new_gram[fs, fs] = g_ff
-            new_gram[rs, rs] = g_rr
-            new_gram[rs, fs] = g_rf
-            new_gram[fs, rs] = g_rf.T
-            new_gram[os_, os_] = g_oo
-            new_gram[os_, rs] = g_or
-            new_gram[rs, os_] = g_or.T
-            new_gram[os_, fs] = g_of
-            new_gram[fs, os_] = g_of.T
-        limit = self.history_size
-        new_pts, new_loss = new_pts[:limit], new_loss[:limit]
-        new_gram, offsets = new_gram[:limit, :limit], offsets[:limit]
-        st[K_POINTS], st[K_LOSSES], st[K_GRAM] = new_pts, new_loss, new_gram
-        if moved:  # re-anchor at the new iterate (x_old - x_new = d for every offset)
-            if self.recompute_gram:
-                off_new = new_pts.double() - x_new.double()
-                st[K_GRAM] = off_new @ off_new.T
-            else:
-                st[K_GRAM] = self._shift_gram(new_gram, offsets, x64 - x_new.double())
-
-    def _line_search(self, closure, params, x, x64, f0, grad_tot, direction, wd_vec, stats):
-        """Backtracking Armijo on F = f + wd/2 |x|^2; returns the accepted point or ``x``.
-
-        Trials go ``size`` at a time; whether to search at all and which trial of a chunk
-        passes are the driver's decisions, so every rank runs the same number of chunks.
-        """
-        slope = float(torch.dot(grad_tot, direction))
-        (search,) = self._agree([slope > 0 and math.isfinite(slope)])
-        if not search:
-            return x
-        penalty = (lambda z: 0.5 * float(torch.dot(wd_vec, z * z))) if bool((wd_vec > 0).any()) else (lambda z: 0.0)
-        big_f0 = f0 + penalty(x64)
-        taus = [self.ls_beta ** k for k in range(self.ls_max_backtracks + 1)]
-        chunk = self._ranks
-        for first in range(0, len(taus), chunk):
-            batch = taus[first:first + chunk]
-            trials = torch.stack([(x64 - tau * direction).to(x.dtype) for tau in batch])
-            vals = self._evaluate(closure, params, x, trials)
-            stats["line_search_queries"] += vals.numel()
-            passed = -1
-            for i, (tau, trial, val) in enumerate(zip(batch, trials, vals.tolist())):
-                if self._accept(val + penalty(trial.double()), big_f0, tau, slope):
-                    passed = i
-                    break
-            (passed,) = self._agree([passed])
-            if passed >= 0:
-                stats["line_search_accepted"] = batch[int(passed)]
-                return trials[int(passed)]
-        return x

@@ -172,6 +172,13 @@ class _RGEOptimizer(Optimizer):
         st[self._QUERIES] = st[self._QUERIES] + self.q * (2 if self.difference == "central" else 1) + 1
         return f0
 
+    def _estimated(self):
+        """``(group, p)`` for each trainable parameter that the last estimate gave a ``.grad``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.grad is not None:
+                    yield group, p
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         src = state_dict["state"].get(first_trainable_index(self.param_groups))
@@ -196,21 +203,18 @@ class ZOSGD(_RGEOptimizer):
     def step(self, closure=None):
         """Estimate the gradient (fills ``.grad``) and take an SGD step; returns ``f(x)``."""
         f0 = self._estimate(closure)
-        for group in self.param_groups:
+        for group, p in self._estimated():
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if not p.requires_grad or p.grad is None:
-                    continue
-                d_p = p.grad if wd == 0 else p.grad + wd * p
-                if mom:
-                    st = self.state[p]
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = st["momentum_buffer"] = d_p.clone()
-                    else:
-                        buf.mul_(mom).add_(d_p)
-                    d_p = d_p + mom * buf if group["nesterov"] else buf
-                p.add_(d_p, alpha=-lr)
+            d_p = p.grad if wd == 0 else p.grad + wd * p
+            if mom:
+                st = self.state[p]
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = d_p.clone()
+                else:
+                    buf.mul_(mom).add_(d_p)
+                d_p = d_p + mom * buf if group["nesterov"] else buf
+            p.add_(d_p, alpha=-lr)
         return f0
 
 
@@ -231,20 +235,17 @@ class ZOSignSGD(_RGEOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         f0 = self._estimate(closure)
-        for group in self.param_groups:
+        for group, p in self._estimated():
             lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if not p.requires_grad or p.grad is None:
-                    continue
-                g = p.grad
-                if beta:
-                    st = self.state[p]
-                    buf = st.get("exp_avg")
-                    if buf is None:
-                        buf = st["exp_avg"] = torch.zeros_like(p)
-                    buf.mul_(beta).add_(g, alpha=1 - beta)
-                    g = buf
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(torch.sign(g), alpha=-lr)
+            g = p.grad
+            if beta:
+                st = self.state[p]
+                buf = st.get("exp_avg")
+                if buf is None:
+                    buf = st["exp_avg"] = torch.zeros_like(p)
+                buf.mul_(beta).add_(g, alpha=1 - beta)
+                g = buf
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(torch.sign(g), alpha=-lr)
         return f0
