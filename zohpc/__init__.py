@@ -4,7 +4,7 @@
 Both are loaded on first use: importing zohpc starts neither torch nor MPI.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the package version, also zohpc.__version__
 
 
 def __getattr__(name):
