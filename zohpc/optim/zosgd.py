@@ -140,6 +140,8 @@ class _RGEOptimizer(Optimizer):
     _STEP, _QUERIES = "zo_step", "zo_queries"
 
     def __init__(self, params, defaults, q, mu, scale, difference, seed, comm):
+        if not defaults["lr"] > 0 or not 0 <= defaults["momentum"] < 1 or defaults["weight_decay"] < 0:
+            raise ValueError(f"{type(self).__name__}: need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
         if q < 1 or not mu > 0:
             raise ValueError(f"need q >= 1 and mu > 0, got q={q}, mu={mu}")
         if scale not in SCALES or difference not in DIFFERENCES:
@@ -172,12 +174,27 @@ class _RGEOptimizer(Optimizer):
         st[self._QUERIES] = st[self._QUERIES] + self.q * (2 if self.difference == "central" else 1) + 1
         return f0
 
-    def _estimated(self):
-        """``(group, p)`` for each trainable parameter that the last estimate gave a ``.grad``."""
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Estimate the gradient (fills ``.grad``), then update each parameter that has one; returns ``f(x)``."""
+        f0 = self._estimate(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and p.grad is not None:
-                    yield group, p
+                    self._update(group, p)
+        return f0
+
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        """Move ``p`` by its ``.grad`` with ``group``'s options (the rule of each optimizer)."""
+        raise NotImplementedError
+
+    def _buffer(self, p, name: str, make):
+        """``(state[p][name], new)``: the parameter's buffer, made by ``make()`` on first use."""
+        st = self.state[p]
+        new = name not in st
+        if new:
+            st[name] = make()
+        return st[name], new
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -194,28 +211,19 @@ class ZOSGD(_RGEOptimizer):
     def __init__(self, params, lr: float, q: int = 20, mu: float = 1e-3, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, scale: str = "dim",
                  difference: str = "forward", seed: int = 0, comm=None):
-        if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError("ZOSGD: need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
                          q, mu, scale, difference, seed, comm)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Estimate the gradient (fills ``.grad``) and take an SGD step; returns ``f(x)``."""
-        f0 = self._estimate(closure)
-        for group, p in self._estimated():
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            d_p = p.grad if wd == 0 else p.grad + wd * p
-            if mom:
-                st = self.state[p]
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = st["momentum_buffer"] = d_p.clone()
-                else:
-                    buf.mul_(mom).add_(d_p)
-                d_p = d_p + mom * buf if group["nesterov"] else buf
-            p.add_(d_p, alpha=-lr)
-        return f0
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        """An SGD step on the estimate."""
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        d_p = p.grad if wd == 0 else p.grad + wd * p
+        if mom:
+            buf, new = self._buffer(p, "momentum_buffer", d_p.clone)
+            if not new:
+                buf.mul_(mom).add_(d_p)
+            d_p = d_p + mom * buf if group["nesterov"] else buf
+        p.add_(d_p, alpha=-lr)
 
 
 class ZOSignSGD(_RGEOptimizer):
@@ -227,25 +235,17 @@ class ZOSignSGD(_RGEOptimizer):
     def __init__(self, params, lr: float, q: int = 20, mu: float = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, scale: str = "dim", difference: str = "forward", seed: int = 0,
                  comm=None):
-        if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError("ZOSignSGD: need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
                          q, mu, scale, difference, seed, comm)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        f0 = self._estimate(closure)
-        for group, p in self._estimated():
-            lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
-            g = p.grad
-            if beta:
-                st = self.state[p]
-                buf = st.get("exp_avg")
-                if buf is None:
-                    buf = st["exp_avg"] = torch.zeros_like(p)
-                buf.mul_(beta).add_(g, alpha=1 - beta)
-                g = buf
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(torch.sign(g), alpha=-lr)
-        return f0
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        """A sign step on the estimate (or on its moving average), after decoupled weight decay."""
+        lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+        g = p.grad
+        if beta:
+            buf, _ = self._buffer(p, "exp_avg", lambda: torch.zeros_like(p))
+            buf.mul_(beta).add_(g, alpha=1 - beta)
+            g = buf
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(torch.sign(g), alpha=-lr)
