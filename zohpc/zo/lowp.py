@@ -5,8 +5,8 @@ A delta mode (``zo.precision = "delta-tf32" | "delta-bf16"``, zohpc.zo.delta) pr
 ``Δ_out = W Δ_in`` is exactly linear, so rounding W and Δ to a short mantissa errs relative
 to Δ (not to the activation, as a float32 difference of two nearly equal losses does). This
 module holds those products (:class:`LowPrecision`) and the kernels that keep everything
-else free of cancellation: ReLU's difference in float32 with no subtraction of near-equal
-values, BatchNorm's and any other op's difference in float64.
+else free of cancellation: ReLU's and BatchNorm's differences in float32 written so that no
+two near-equal values are subtracted, any other op's difference in float64.
 
 Emulation: TF32 keeps 10 mantissa bits and bf16 7; :func:`round_tf32` / :func:`round_bf16`
 round float32 operands to nearest (even), and the product runs in float32, so each product
@@ -106,23 +106,26 @@ def sub64(fp, fb, Q):
 
 
 def bn_delta(x, d, eps, w):
-    """BatchNorm (batch statistics) of x + d minus that of x, in float64; the bias cancels.
+    """BatchNorm (batch statistics) of x + d minus that of x, in float32 without cancellation.
 
-    x (1 or Q, B, C, ...), d (Q, B, C, ...); w None, (C,) or per copy (Q, C). Float32 out, d's shape.
+    x (1 or Q, B, C, ...), d (Q, B, C, ...); w None, (C,) or per copy (Q, C). With c = x - mean,
+    e = d - mean(d), r = 1/sqrt(var + eps): the variance moves by dv = mean(e (2c + e)) and
+    ``xhat(x + d) - xhat(x) = e r' + c (r' - r)``, ``r' - r = -dv r r' / (1/r + 1/r')``: every
+    term is a product with e or dv, so errs relative to the difference, never to x.
+    Float32 out, d's shape.
     """
     dims = (1,) + tuple(range(3, d.dim()))
-
-    def xhat(t):
-        m = t.mean(dim=dims, keepdim=True)
-        c = t - m
-        return c * torch.rsqrt(c.square().mean(dim=dims, keepdim=True) + eps)
-
-    x64 = x.double()
-    out = xhat(x64 + d.double()) - xhat(x64)
+    c = x - x.mean(dim=dims, keepdim=True)
+    a = c.square().mean(dim=dims, keepdim=True) + eps  # var + eps
+    e = d - d.mean(dim=dims, keepdim=True)
+    dv = (e * (2 * c + e)).mean(dim=dims, keepdim=True)
+    r, r2 = torch.rsqrt(a), torch.rsqrt(a + dv)
+    dr = -dv * r * r2 / (torch.sqrt(a) + torch.sqrt(a + dv))
+    out = e * r2 + c * dr
     if w is not None:
         shp = (w.shape[0] if w.dim() == 2 else 1, 1, -1) + (1,) * (d.dim() - 3)
-        out.mul_(w.double().view(shp))
-    return out.to(torch.float32)
+        out.mul_(w.view(shp))
+    return out
 
 
 def binary_delta(op, bases, deltas):
