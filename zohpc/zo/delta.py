@@ -262,10 +262,14 @@ def _generic(g, n, how, reps, Q, last, override=None):
     fb = call64(g, n, map_arg(n.args, lambda a: to64(g.env[a])), map_arg(n.kwargs, lambda a: to64(g.env[a])))
 
     def value(a, q):
-        base, r = to64(g.env[a]), reps.get(a)
-        if r is None or not isinstance(base, torch.Tensor) or not base.is_floating_point():
-            return base
-        return base + copy_value(g, a, r, q, Q).double()
+        base, r = g.env[a], reps.get(a)
+        if r is None:
+            return to64(base)
+        d = copy_value(g, a, r, q, Q)
+        if isinstance(base, tuple):  # (attention output, weights): element by element
+            return tuple(to64(b) + t.double() if _is_float(b) and isinstance(t, torch.Tensor) else to64(b)
+                         for b, t in zip(base, d))
+        return to64(base) + d.double() if _is_float(base) else to64(base)
 
     vals = []
     for q in range(Q):
