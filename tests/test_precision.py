@@ -117,7 +117,7 @@ class WithIndex(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(h) + (h * 1e7).long().to(h.dtype) * 1e-7
+        return self.b(h) + (h[:, :1] * 1e7).long().to(h.dtype) * 1e-7
 
 
 def test_op_without_difference_falls_back_to_ieee_and_is_named():
@@ -141,3 +141,12 @@ def test_tf32_rounding_keeps_ten_mantissa_bits_to_nearest_even():
     x = torch.tensor([1 + 2 ** -10, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -11 + 2 ** -20, -(1 + 2 ** -11)])
     want = torch.tensor([1 + 2 ** -10, 1.0, 1 + 2 ** -9, 1 + 2 ** -10, -1.0])
     assert torch.equal(round_tf32(x), want)
+
+
+def test_config_key_is_validated():
+    from zohpc.config import load_config
+
+    assert load_config(None, []).zo.precision == "ieee"
+    assert load_config(None, ["zo.precision=delta-tf32"]).zo.precision == "delta-tf32"
+    with pytest.raises(ConfigError, match="zo.precision"):
+        load_config(None, ["zo.precision=fp8"])
