@@ -12,8 +12,8 @@ difference form:
   ``Δ(a/b) = (Δa b - a Δb) / (b (b + Δb))``, ReLU as ``max(Δ, -h)`` where ``h > 0``,
   BatchNorm with batch statistics (zohpc.zo.lowp.bn_delta: the statistics' moves, then the
   output's, each a product with Δ);
-* float64 differences ``σ(h + Δ) - σ(h)`` from the cached float32 values: other activations and max pooling, and every op the engine runs "rowwise" or
-  copy by copy (LayerNorm, softmax, attention, encoder layers, matmuls of two activations,
+* float64 differences ``σ(h + Δ) - σ(h)`` from the cached float32 values: other activations
+  and max pooling, and every op the engine runs "rowwise" or copy by copy (LayerNorm, softmax, attention, encoder layers, matmuls of two activations,
   anything unknown), with the module's parameters in float64; the perturbed layer itself
   when it has no incremental rule (its parameter moved in float64);
 * the model's output: cached output + Δ in float64, through the objective in float64, so
