@@ -57,6 +57,7 @@ class ZOConfig:
     spsa_check_every: int = 50  # SPSA: steps between replica checksum checks (0 = never)
     features: str = "auto"  # broadcast | recompute | auto (measured at start-up)
     feature_reuse: bool = True  # false: every CGE query is a full forward (for comparisons)
+    precision: str = "ieee"  # ieee | delta-tf32 | delta-bf16: CGE queries as differences (zohpc.zo.delta)
 
 
 @dataclass
@@ -145,6 +146,7 @@ CHOICES = {
     "zo.estimator": ("cge", "rge", "lizo", "spsa"),
     "zo.difference": ("forward", "central"),
     "zo.features": ("auto", "broadcast", "recompute"),
+    "zo.precision": ("ieee", "delta-tf32", "delta-bf16"),
     "prune.method": ("none", "zo_grasp", "grasp", "random", "magnitude"),
     "optim.name": ("sgd", "adam", "lizo"),
     "optim.schedule": ("cosine", "step", "constant"),

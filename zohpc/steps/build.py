@@ -11,14 +11,19 @@ from .spsa import SPSAStep
 
 
 def make_engine(model, objective, cfg):
-    """The CGE query engine: per-layer feature reuse, or full forwards with the reason why."""
+    """The CGE query engine: per-layer feature reuse, or full forwards with the reason why.
+
+    ``zo.precision`` reaches the per-layer engine only; full forwards (no feature cache to
+    take differences from) run in the model's dtype.
+    """
     from ..zo.engine import NondeterministicModelError, QueryEngine
     from ..zo.stacked import FullForwardEngine
 
     if not cfg.zo.feature_reuse:
         return FullForwardEngine(model, objective, cfg.zo.query_batch), "zo.feature_reuse = false"
     try:
-        return QueryEngine(model, objective=objective, query_batch=cfg.zo.query_batch), None
+        return QueryEngine(model, objective=objective, query_batch=cfg.zo.query_batch,
+                           precision=cfg.zo.precision), None
     except NondeterministicModelError:
         raise
     except ConfigError as exc:  # the model cannot be traced: every query is a full forward

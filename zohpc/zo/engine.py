@@ -16,6 +16,9 @@ How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer fo
 * The perturbed layer itself is incremental (conv, linear, BatchNorm, embedding rules).
 * The model's output, stacked (Q*B, ...), goes through the task's objective
   (:class:`~zohpc.zo.objective.Objective`: Q loss values; a black box is called per copy).
+* ``precision``: "ieee" runs queries in the model's dtype; "delta-tf32" and "delta-bf16"
+  propagate differences from the cached pass, low precision in convolutions and linear
+  layers, and form the loss difference in float64 (zohpc.zo.delta; the base loss is then float64).
 
 The parameters are never modified; queries are functional. BatchNorm always uses batch
 statistics of each copy (training-mode semantics) and never touches running statistics.
@@ -35,6 +38,7 @@ from ..sharding import largest_divisor
 from .base import EngineBase
 from .determinism import NondeterministicModelError, check_deterministic, check_graph_deterministic  # noqa: F401
 from .executor import PATHS, materialize, run_source, settle_ownership
+from .delta import DELTA_PATHS, PRECISIONS, DeltaMode, DeltaUnsupported, output_values
 from .features import FeatureCache
 from .kernels import batch_norm, maxpool_strided, pair, padded_conv_input, perturbed_params, simple_maxpool
 from .objective import Objective
@@ -63,6 +67,11 @@ class QueryEngine(FeatureCache, EngineBase):
     convolutions run 1.5-3x faster on it). The model's parameters are never touched.
     ``check``: called between stacked passes; a stop request makes it raise
     :class:`~zohpc.stop.StepAbandoned` (the engine stays usable: prepare again).
+    ``precision``: "ieee" (default), "delta-tf32" or "delta-bf16" (zohpc.zo.delta);
+    ``native_lowp``: a delta mode's products on the hardware's low-precision kernels (default:
+    on CUDA) instead of emulated (operands rounded, float32 products: the error, on any CPU).
+    A parameter whose queries meet an op without a difference form is answered in IEEE
+    float32 and named in ``precision_fallbacks`` (parameter -> op).
 
     Raises ConfigError with a one-line reason when the model cannot be planned (torch.fx
     cannot trace it, or its forward is not ``forward(x) -> one tensor``); callers then fall
@@ -72,10 +81,13 @@ class QueryEngine(FeatureCache, EngineBase):
     shares_features = True
 
     def __init__(self, model: nn.Module, objective: Objective | None = None, *, query_batch: int = 32,
-                 max_elements: int | None = None, channels_last: bool = True):
+                 max_elements: int | None = None, channels_last: bool = True, precision: str = "ieee",
+                 native_lowp: bool | None = None):
         check_deterministic(model)
         if int(query_batch) < 1:
             raise ConfigError(f"config key 'zo.query_batch': must be >= 1, got {query_batch}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"config key 'zo.precision': {precision!r} is not one of {', '.join(PRECISIONS)}")
         if objective is not None and not isinstance(objective, Objective):
             raise TypeError(f"objective must be a zohpc.zo.Objective or None, got {type(objective).__name__}")
         self.model = model
@@ -86,6 +98,14 @@ class QueryEngine(FeatureCache, EngineBase):
         if first is None:
             raise ConfigError(f"model {name} has no parameters")
         self.device, self.dtype = first.device, first.dtype
+        self.precision = precision
+        self._delta = None if precision == "ieee" else DeltaMode(
+            precision, self.device.type == "cuda" if native_lowp is None else native_lowp, self.device.type)
+        if self._delta is not None and self.dtype != torch.float32:
+            raise ConfigError(f"config key 'zo.precision': {precision!r} needs a float32 model, got {self.dtype}")
+        self.loss_dtype = self.dtype if self._delta is None else torch.float64
+        self.delta = None  # the DeltaMode while a delta query runs (the executor's paths read it)
+        self.precision_fallbacks: dict = {}
         self.max_elements = int(max_elements) if max_elements else (2 ** 27 if self.device.type != "cpu" else 2 ** 22)
         self.channels_last = bool(channels_last)
         try:
@@ -194,6 +214,8 @@ class QueryEngine(FeatureCache, EngineBase):
             for plan in self.plans:
                 plan_work(self, plan)
         self.bn_stats, self._xpad, self._present = {}, {}, {}
+        if self._delta is not None:
+            self._delta.reset()
         for n in self.nodes:
             if self.kind[n] == "bn":
                 self.bn_stats[n] = batch_norm(self.env[n.args[0]], self.modules[n.target].eps, None, None, 1,
@@ -242,8 +264,9 @@ class QueryEngine(FeatureCache, EngineBase):
             self.y = y
             self._derive()
             if base is None:
-                base = self.objective(self.env[self.output_node], y, 1)[0]
-            self.base = torch.as_tensor(base).to(device=self.device, dtype=self.dtype).reshape(())
+                out = self.env[self.output_node]
+                base = self.objective(out if self._delta is None else out.double(), y, 1)[0]
+            self.base = torch.as_tensor(base).to(device=self.device, dtype=self.loss_dtype).reshape(())
         except BaseException:
             self.env = self.base = None
             raise
@@ -295,12 +318,34 @@ class QueryEngine(FeatureCache, EngineBase):
             return self.base.new_zeros(0)
         if not plan.reaches_loss:
             return self.base.expand(Q).clone()
+        name = self.param_names[param_index]
+        if self._delta is not None and name not in self.precision_fallbacks:
+            self.delta = self._delta
+            try:
+                r = self._propagate(plan, param_index, flat, steps, Q, DELTA_PATHS, torch.float64)
+                return self.objective(output_values(self, r, Q), self.y, Q, self.check)
+            except DeltaUnsupported as exc:  # an op without a difference: this parameter in IEEE float32
+                self.precision_fallbacks[name] = str(exc.args[0])
+            finally:
+                self.delta = None
+        r = self._propagate(plan, param_index, flat, steps, Q, PATHS, None)
+        out = torch.cat(r.vals) if isinstance(r, Per) else materialize(self, self.output_node, r, Q)
+        return self.objective(out, self.y, Q, self.check).to(self.loss_dtype)
+
+    def _propagate(self, plan, param_index, flat, steps, Q, paths, param_dtype):
+        """The output node's rep of a query: each node of the plan in order on ``paths``.
+
+        In a delta mode a node none of whose inputs changed is unchanged (no rep; the output's
+        rep may then be None), and the generic path's parameters are moved in ``param_dtype``.
+        """
         reps = {}
         override = []
 
         def perturbed():  # the generic path's parameters, made once per query
             if not override:
-                override.append((plan.rel_name, perturbed_params(self.params[param_index], flat, steps)))
+                p = self.params[param_index]
+                override.append((plan.rel_name, perturbed_params(p if param_dtype is None else p.to(param_dtype),
+                                                                 flat, steps)))
             return override[0]
 
         big = 0
@@ -309,13 +354,16 @@ class QueryEngine(FeatureCache, EngineBase):
             last = plan.free_after.get(n, ())
             if n in plan.sources:
                 rep = run_source(self, plan, n, how, flat, steps, Q, reps, perturbed)
+            elif self.delta is not None and all(a not in reps for a in n.all_input_nodes):
+                rep = None
             else:
-                rep = PATHS[how](self, n, how, reps, Q, last)
+                rep = paths[how](self, n, how, reps, Q, last)
                 if isinstance(rep, (Chan, Full)):
                     settle_ownership(n, rep, reps, last)
-            reps[n] = rep
-            if self.trace is not None:
-                self.trace[n] = rep
+            if rep is not None:
+                reps[n] = rep
+                if self.trace is not None:
+                    self.trace[n] = rep
             if isinstance(rep, Chan):
                 big = max(big, rep.v.numel())
             elif isinstance(rep, Full):
@@ -324,9 +372,7 @@ class QueryEngine(FeatureCache, EngineBase):
             for a in last:
                 reps.pop(a, None)
         self.last_elems = -(-big // Q)
-        r = reps[self.output_node]
-        out = torch.cat(r.vals) if isinstance(r, Per) else materialize(self, self.output_node, r, Q)
-        return self.objective(out, self.y, Q, self.check)
+        return reps.get(self.output_node)
 
     def batch_size(self, param_index: int) -> int:
         """Copies per batched pass for this parameter: query_batch, capped by max_elements."""

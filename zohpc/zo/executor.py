@@ -28,14 +28,17 @@ def block_index(g, rep: Chan):
 
 
 def materialize(g, n, rep, Q):
-    """Full stacked tensor (Q*B, ...) of a Chan or Full rep."""
+    """Full stacked tensor (Q*B, ...) of a Chan or Full rep (of differences in a delta mode)."""
     if isinstance(rep, Full):
         return rep.t
-    return K.materialize(g.env[n], rep.idx, rep.s, rep.v, Q, g.channels_last)
+    return K.materialize(g.env[n], rep.idx, rep.s, rep.v, Q, g.channels_last, zero=g.delta is not None)
 
 
 def copy_value(g, n, rep, q, Q):
+    """Copy q's value of node n (its difference in a delta mode)."""
     base = g.env[n]
+    if g.delta is not None and isinstance(base, torch.Tensor):
+        base = base.new_zeros(()).expand(base.shape) if rep is None or isinstance(rep, Chan) else base
     if rep is None:
         return base
     if isinstance(rep, Per):
@@ -45,7 +48,7 @@ def copy_value(g, n, rep, q, Q):
             return tuple(t.view(Q, *b.shape)[q] if isinstance(t, torch.Tensor) else t for t, b in zip(rep.t, base))
         return rep.t.view(Q, *base.shape)[q]
     s, i = rep.s, rep.idx[q]
-    c = base.clone()
+    c = base.clone(memory_format=torch.contiguous_format) if g.delta is not None else base.clone()
     c[:, i * s:(i + 1) * s] = rep.v.view(Q, base.shape[0], s, *base.shape[2:])[q]
     return c
 
@@ -194,17 +197,19 @@ def _pad(g, n, how, reps, Q, last):
     a = n.args[0]
     r = reps[a]
     pad, mode = pad_args(n)
-    rest_args = n.args[2:]
+    rest_args, kwargs = n.args[2:], n.kwargs
+    if g.delta is not None:  # a difference is padded with zeros, whatever the constant
+        rest_args, kwargs = rest_args[:1], {k: v for k, v in kwargs.items() if k != "value"}
     if how == "pad_full":
-        return Full(F.pad(r.t, pad, *rest_args, **n.kwargs))
+        return Full(F.pad(r.t, pad, *rest_args, **kwargs))
     if how == "pad_chan":
-        return Chan(r.idx, r.s, F.pad(r.v, pad, *rest_args, **n.kwargs), r.idx_t)
+        return Chan(r.idx, r.s, F.pad(r.v, pad, *rest_args, **kwargs), r.idx_t)
     if how == "pad_shift":
         inner = tuple(pad[:-2])
-        v = F.pad(r.v, inner, *rest_args, **n.kwargs) if inner and any(inner) else r.v
+        v = F.pad(r.v, inner, *rest_args, **kwargs) if inner and any(inner) else r.v
         sh = pad[-2] // r.s
         return Chan([i + sh for i in r.idx], r.s, v)
-    return Full(F.pad(materialize(g, a, r, Q), pad, *rest_args, **n.kwargs))
+    return Full(F.pad(materialize(g, a, r, Q), pad, *rest_args, **kwargs))
 
 
 def _rowwise(g, n, how, reps, Q, last):
@@ -233,8 +238,16 @@ PATHS = {"conv_chan": _conv_chan, "conv_full": _conv_full, "linear_chan": _linea
 
 
 def run_source(g, plan, n, how, flat, steps, Q, reps, override):
-    """Rep of the perturbed consumer node itself (incremental where its rule allows)."""
+    """Rep of the perturbed consumer node itself (incremental where its rule allows).
+
+    In a delta mode the incremental paths start from zeros instead of the cached output (they
+    then give the difference) and the per-copy paths are the delta mode's (zohpc.zo.delta).
+    """
     out_base = g.env[n]
+    if g.delta is not None:
+        if how in ("source_generic", "source_stacked"):
+            return g.delta.source(g, n, how, reps, Q, override())
+        out_base = torch.zeros_like(out_base)
     if how in ("source_generic", "source_stacked"):
         rep = run_generic(g, n, how, reps, Q, override=override())
         if how == "source_generic":

@@ -95,14 +95,20 @@ def chan_delta(base, v, index, s, Q):
     return out.view(v.shape)
 
 
-def materialize(base, idx, s, v, Q, channels_last):
-    """Full stacked tensor (Q*B, ...) of the cached ``base`` with block idx[q] replaced by v's."""
+def materialize(base, idx, s, v, Q, channels_last, zero=False):
+    """Full stacked tensor (Q*B, ...) of the cached ``base`` with block idx[q] replaced by v's.
+
+    ``zero``: zeros stand for the base instead (a difference confined to the blocks, delta modes).
+    """
     B = base.shape[0]
     t = torch.empty((Q * B,) + tuple(base.shape[1:]), dtype=base.dtype, device=base.device,
                     memory_format=torch.channels_last if channels_last and base.dim() == 4
                     else torch.contiguous_format)
     tv = t.view(Q, *base.shape)
-    tv.copy_(base.unsqueeze(0).expand_as(tv))
+    if zero:
+        tv.zero_()
+    else:
+        tv.copy_(base.unsqueeze(0).expand_as(tv))
     vv = v.view(Q, B, s, *base.shape[2:])
     for q, i in enumerate(idx):
         tv[q, :, i * s:(i + 1) * s] = vv[q]
@@ -114,8 +120,11 @@ def repeat_copies(base, Q):
     return base.unsqueeze(0).expand(Q, *base.shape).reshape(Q * base.shape[0], *base.shape[1:])
 
 
-def chan_conv(x_base, out_base, delta, w, index, padding, stride, dilation, Q, channels_last):
+def chan_conv(x_base, out_base, delta, w, index, padding, stride, dilation, Q, channels_last, bmm=None):
     """cached_out + conv(delta, W[:, block]) for a delta confined to one channel block per copy.
+
+    ``bmm``: given, the product alone, ``bmm(cols, weights)`` (a delta mode's low precision:
+    the output is the difference, without the cached output).
 
     im2col of the small delta (Q*B, s, H, W) in NHWC order from kh*kw strided views (F.unfold
     loops over the samples and is several times slower), times the (s*kh*kw, Cout) weight
@@ -138,19 +147,23 @@ def chan_conv(x_base, out_base, delta, w, index, padding, stride, dilation, Q, c
     cols = cols.view(Q, B * Ho * Wo, K)
     wg = w.index_select(1, index).view(Cout, Q, K).permute(1, 2, 0)  # (Q, K, Cout)
     base_m = out_base.permute(0, 2, 3, 1).reshape(1, B * Ho * Wo, Cout)
-    out = torch.baddbmm(base_m, cols, wg)  # (Q, B*Ho*Wo, Cout): NHWC per copy
+    out = torch.baddbmm(base_m, cols, wg) if bmm is None else bmm(cols, wg)  # (Q, B*Ho*Wo, Cout): NHWC per copy
     out = out.view(Q * B, Ho, Wo, Cout).permute(0, 3, 1, 2)
     if not channels_last:
         out = out.contiguous()
     return out, 2 * Q * B * Ho * Wo * K * Cout
 
 
-def chan_linear(out_base, delta, w, index, Q):
-    """cached_out + delta @ W[:, block].T per copy; delta (Q*B, s). Returns (out (Q*B, Out), FLOPs)."""
+def chan_linear(out_base, delta, w, index, Q, bmm=None):
+    """cached_out + delta @ W[:, block].T per copy; delta (Q*B, s). Returns (out (Q*B, Out), FLOPs).
+
+    ``bmm``: given, the product alone, ``bmm(delta, weights)`` (see :func:`chan_conv`).
+    """
     B, s = out_base.shape[0], delta.shape[1]
     wq = w.index_select(1, index)  # (Out, Q*s)
     wq = wq.view(wq.shape[0], Q, s).permute(1, 2, 0)  # (Q, s, Out)
-    out = torch.baddbmm(out_base.unsqueeze(0), delta.view(Q, B, s), wq)
+    out = torch.baddbmm(out_base.unsqueeze(0), delta.view(Q, B, s), wq) if bmm is None else \
+        bmm(delta.view(Q, B, s), wq)
     return out.reshape(Q * B, -1), 2 * Q * B * s * wq.shape[2]
 
 

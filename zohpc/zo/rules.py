@@ -6,7 +6,8 @@ A rule sees the abstract kinds of the node's inputs (None: unchanged, ``("chan",
 the work model reads) and ``out`` (the kind of the node's value in a query). The executor
 (zohpc.zo.executor) and the work model (zohpc.zo.work) both call :func:`decide`, so what
 is planned is what runs. Adding an operation kind means adding its rule here, its kernel
-path in the executor and its row in the cost table (zohpc.zo.work).
+path in the executor, its difference form for the delta precision modes (zohpc.zo.delta,
+which checks at import that every path has one) and its row in the cost table (zohpc.zo.work).
 
 ``g`` is the graph context (a QueryEngine): ``env`` (cached values), ``modules``, ``kind``.
 """
