@@ -19,6 +19,7 @@ BENCHES = {
     "prune": "ZO-GraSP against its FLOP floor (2q plain forwards of the pruning batch over K ranks)",
     "memory": "peak memory: inference vs SPSA step vs Adam step on a GPT-2-small-sized model",
     "spsa": "SPSA over MPI: steps/s on 2 ranks vs 1, and bit-identical parameters",
+    "device": "the GPU checks in one command: cuda tests, engine TFLOP/s vs float32 peak, paper step, sharing",
 }
 
 
