@@ -189,3 +189,16 @@ def test_clock_choice_and_bad_value(monkeypatch):
     monkeypatch.setenv("ZOHPC_CLOCK", "gpu")
     with pytest.raises(UserError, match="ZOHPC_CLOCK"):
         timing.now()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU run is the benchmark itself")
+def test_bench_device_without_cuda_says_what_it_skipped(capsys):
+    import json
+
+    from zohpc.bench.device import build_parser, run
+    from zohpc.comm import world
+
+    assert run(world(), build_parser().parse_args(["--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cuda"] is False and "device figures not measured" in out["note"]
+    assert set(out["skipped"]) == {"tests", "peak", "engine", "step", "sharing", "precision"}
