@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ DEFAULT_LATENCY_US = 5.0  # microseconds per message hop (InfiniBand MPI: 1-5 us
 DEFAULT_MARGIN = 1.25  # the time limit is the predicted run times this, plus the signal lead
 SIGNAL_LEAD_SECONDS = 120  # jobs/train.sbatch: --signal=B:USR1@120 (checkpoint before the limit)
 DEFAULT_BUDGET = 8.0  # seconds of timed passes (start-up spends 2 s; more samples fit better)
-REPEATS = 10  # passes per calibration sample, the fastest kept (start-up: 3)
+REPEATS = 10  # passes per calibration sample, their median kept (start-up: the fastest of 3)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,7 +190,8 @@ def make_plan(cfg, args) -> dict:
 
         # the cost model, as start-up runs it (CGEStep.calibrate), with a larger budget
         if hasattr(engine, "plans"):
-            cal = calibrate(engine, coords, x, y, budget_seconds=args.budget, repeats=REPEATS)
+            cal = calibrate(engine, coords, x, y, budget_seconds=args.budget, repeats=REPEATS,
+                            statistic=statistics.median)
             costs = cal.costs(engine, coords)
             calib_seconds = cal.seconds
         else:  # full forwards: every query costs one stacked forward of the model, whatever its parameter
@@ -201,7 +203,7 @@ def make_plan(cfg, args) -> dict:
             flat = coords.indices(pi)[:q].tolist()
             sec = min(timed(lambda: engine.query(pi, flat, [1e-3] * q), dev)[1] for _ in range(2)) / q
             costs, calib_seconds = [sec] * len(coords.counts), 2 * sec * q
-        forward = min(timed(lambda: engine.prepare(x, y), dev)[1] for _ in range(3))
+        forward = statistics.median(timed(lambda: engine.prepare(x, y), dev)[1] for _ in range(5))
         feature_bytes = _nbytes(engine.feature_tensors()) if engine.shares_features else 0
 
         optimizer = build_optimizer(cfg, model, world())
@@ -214,7 +216,7 @@ def make_plan(cfg, args) -> dict:
                 model(x)
 
         update()  # optimizer state allocated (momentum buffers), untimed
-        update_seconds = min(timed(update, dev)[1] for _ in range(2))
+        update_seconds = statistics.median(timed(update, dev)[1] for _ in range(3))
         memory_mb = peak_memory_mb(dev)
     finally:
         torch.set_num_threads(previous_threads)
