@@ -26,9 +26,9 @@ def run_ranks(k: int, args: list[str], timeout: float = 240, **extra_env) -> sub
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(**extra_env))
 
 
-def gradient_problem(model_name: str):
+def gradient_problem(model_name: str, device: str = "cpu"):
     """A small seeded CGE problem (model, batch, sparse coordinates, engine) shared by the
-    single-process reference and the script run under mpiexec."""
+    single-process reference and the script run under mpiexec, on ``device``."""
     import torch
 
     from zohpc.masks import layerwise_random_masks, maskable_names
@@ -45,4 +45,5 @@ def gradient_problem(model_name: str):
     shapes = {n: p.shape for n, p in model.named_parameters() if n in names}
     sparsity = 0.5 if model_name == "digits_cnn" else 0.995
     coords = Coordinates(model, layerwise_random_masks(shapes, {n: sparsity for n in names}, 0, 0))
+    model, x, y = model.to(device), x.to(device), y.to(device)
     return model, x, y, coords, QueryEngine(model, query_batch=5)

@@ -1,7 +1,9 @@
 """The only module that imports mpi4py: ranks, device binding, tensor collectives, aborts.
 
 Collectives take contiguous tensors and use mpi4py's buffer (uppercase) calls: nothing on
-the hot path is pickled. CUDA tensors are staged through host memory, so any MPI works.
+the hot path is pickled. CUDA tensors go to MPI as device buffers (``__cuda_array_interface__``)
+when the MPI library is CUDA-aware (:func:`cuda_aware_mpi`), and are staged through host
+memory otherwise, so any MPI works.
 ``run_main`` wraps an entry point so that an exception on any rank ends the whole job.
 """
 
@@ -21,6 +23,45 @@ from .launch import check_launch
 from mpi4py import MPI  # noqa: E402
 
 EXIT_ABORT = 1
+
+_CUDA_AWARE: bool | None = None
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library accepts CUDA device buffers (asked once per process).
+
+    ``ZOHPC_CUDA_AWARE_MPI=1`` / ``0`` decides; otherwise the library is asked: Open MPI's
+    ``MPIX_Query_cuda_support()``, MPICH's ``MPIX_GPU_query_support(CUDA)``; neither: no.
+    Every rank loads the same library, so every rank gets the same answer.
+    """
+    global _CUDA_AWARE
+    env = os.environ.get("ZOHPC_CUDA_AWARE_MPI", "").strip()
+    if env:
+        if env not in ("0", "1"):
+            raise UserError(f"environment variable ZOHPC_CUDA_AWARE_MPI: expected 0 or 1, got {env!r}")
+        return env == "1"
+    if _CUDA_AWARE is None:
+        _CUDA_AWARE = _ask_library()
+    return _CUDA_AWARE
+
+
+def _ask_library() -> bool:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(MPI.__file__)  # symbol lookup covers the MPI library it links
+    except OSError:
+        return False
+    query = getattr(lib, "MPIX_Query_cuda_support", None)  # Open MPI (MPICH answers it too)
+    if query is not None:
+        query.restype = ctypes.c_int
+        if query() == 1:
+            return True
+    gpu = getattr(lib, "MPIX_GPU_query_support", None)  # MPICH: gpu type 0 is CUDA
+    if gpu is not None:
+        flag = ctypes.c_int(0)
+        return gpu(0, ctypes.byref(flag)) == 0 and flag.value == 1
+    return False
 
 
 def _cores_available() -> int:
@@ -73,19 +114,34 @@ class Comm:
         return n
 
     # ------------------------------------------------------------------ collectives
-    @staticmethod
-    def _host(tensor: torch.Tensor):
+    def _buffer(self, tensor: torch.Tensor):
+        """``(what MPI reads or writes, host copy or None)`` for a contiguous tensor.
+
+        CPU tensors: their memory. CUDA tensors: the device memory itself under a CUDA-aware
+        MPI (after the stream's queued work is done: MPI ignores torch's stream order), else a
+        host copy (the caller copies it back into ``tensor`` when MPI wrote to it)."""
         if not tensor.is_contiguous():
             raise ValueError("MPI buffers must be contiguous tensors")
-        return tensor if tensor.device.type == "cpu" else tensor.cpu()
+        if tensor.device.type == "cpu":
+            return tensor.numpy(), None
+        if tensor.device.type == "cuda" and cuda_aware_mpi():
+            torch.cuda.current_stream(tensor.device).synchronize()
+            return tensor.detach(), None
+        host = tensor.cpu()
+        return host.numpy(), host
+
+    def _empty_like(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """An output of ``n`` values where MPI can write it: on the device under a CUDA-aware MPI."""
+        on_device = local.device.type == "cuda" and cuda_aware_mpi()
+        return torch.empty(n, dtype=local.dtype, device=local.device if on_device else "cpu")
 
     def bcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Broadcast ``tensor`` in place from ``root``."""
         if self.size == 1:
             return tensor
-        host = self._host(tensor)
-        self.mpi.Bcast(host.numpy(), root=root)
-        if host is not tensor:
+        buf, host = self._buffer(tensor)
+        self.mpi.Bcast(buf, root=root)
+        if host is not None:
             tensor.copy_(host)
         return tensor
 
@@ -93,23 +149,23 @@ class Comm:
         """Concatenate every rank's 1-D ``local`` (rank r holds ``counts[r]`` values) on ``root``."""
         if self.size == 1:
             return local.clone()
-        host = self._host(local)
+        buf, _ = self._buffer(local)
         if self.rank == root:
-            out = torch.empty(sum(counts), dtype=local.dtype)
+            out = self._empty_like(local, sum(counts))
             displs = [sum(counts[:r]) for r in range(self.size)]
-            self.mpi.Gatherv(host.numpy(), [out.numpy(), counts, displs, None], root=root)
+            self.mpi.Gatherv(buf, [self._buffer(out)[0], counts, displs, None], root=root)
             return out.to(local.device)
-        self.mpi.Gatherv(host.numpy(), None, root=root)
+        self.mpi.Gatherv(buf, None, root=root)
         return None
 
     def allgatherv(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Concatenate every rank's 1-D ``local`` on every rank."""
         if self.size == 1:
             return local.clone()
-        host = self._host(local)
-        out = torch.empty(sum(counts), dtype=local.dtype)
+        buf, _ = self._buffer(local)
+        out = self._empty_like(local, sum(counts))
         displs = [sum(counts[:r]) for r in range(self.size)]
-        self.mpi.Allgatherv(host.numpy(), [out.numpy(), counts, displs, None])
+        self.mpi.Allgatherv(buf, [self._buffer(out)[0], counts, displs, None])
         return out.to(local.device)
 
     def allgatherv_or_abandon(self, work, counts: list[int]) -> torch.Tensor:
@@ -147,9 +203,9 @@ class Comm:
     def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return tensor
-        host = self._host(tensor)
-        self.mpi.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM)
-        if host is not tensor:
+        buf, host = self._buffer(tensor)
+        self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if host is not None:
             tensor.copy_(host)
         return tensor
 

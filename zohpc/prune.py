@@ -135,10 +135,10 @@ def zo_grasp_hg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, queries: int
     prepare = fwd.prepare if comm is None else (lambda *a, **k: comm.agree(fwd.prepare, *a, **k))
     f0 = float(prepare(x, y))
     d0 = (sharded_losses(fwd, d, parts, queries, mu, comm, scatter=scatter, check=check, tag=DIRECTION_TAG) - f0) / mu
-    g0 = full(rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG))
+    g0 = full(rge_combine(rge_coefficients(d0, d), d, parts, tag=DIRECTION_TAG, device=fwd.device))
     f1 = float(prepare(x, y, center=_flat_params(model).double() + mu * g0))
     d1 = (sharded_losses(fwd, d, parts, queries, mu, comm, scatter=scatter, check=check, tag=DIRECTION_TAG) - f1) / mu
-    hg = full(rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG))  # (g1 - g0) / mu
+    hg = full(rge_combine(rge_coefficients((d1 - d0) / mu, d), d, parts, tag=DIRECTION_TAG, device=fwd.device))  # (g1 - g0) / mu
     return _unflatten(model, g0), _unflatten(model, hg)
 
 

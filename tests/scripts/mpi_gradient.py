@@ -17,7 +17,10 @@ from zohpc.zo.costs import calibrated_costs  # noqa: E402
 
 def main(comm):
     model_name, features, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    model, x, y, coords, engine = gradient_problem(model_name)
+    device = sys.argv[4] if len(sys.argv) > 4 else "cpu"  # several ranks may share one GPU
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as setup_runtime
+    model, x, y, coords, engine = gradient_problem(model_name, device)
     # lr 0: the step's update path leaves the estimate in .grad and the parameters as they were
     step = CGEStep(comm, model, engine, torch.optim.SGD(model.parameters(), lr=0.0), mu=5e-3)
     costs = torch.tensor(calibrated_costs(engine, coords, x, y), dtype=torch.float64)
@@ -26,7 +29,7 @@ def main(comm):
     step.features = features
     step(x.clone(), y.clone(), 0)
     if comm.is_driver:  # the scattered estimate (zero at inactive coordinates), as the optimizer saw it
-        np.save(out, torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy())
+        np.save(out, torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy())
     return 0
 
 

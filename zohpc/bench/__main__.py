@@ -20,6 +20,7 @@ BENCHES = {
     "memory": "peak memory: inference vs SPSA step vs Adam step on a GPT-2-small-sized model",
     "spsa": "SPSA over MPI: steps/s on 2 ranks vs 1, and bit-identical parameters",
     "precision": "zo.precision delta modes: CGE error against float64 differences, speed against IEEE",
+    "device": "the GPU checks in one command: cuda tests, engine TFLOP/s vs float32 peak, paper step, sharing",
 }
 
 

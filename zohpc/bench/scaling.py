@@ -6,7 +6,11 @@ rank, Gatherv, end-of-step agreement, optimizer step, parameter broadcast) on sy
 CIFAR-shaped data, and reports the per-phase breakdown, the load imbalance (max/mean
 shard compute), the start-up cost model's time, and the cost of answering stop signals
 (steps with the stop check installed vs without).
-Run it with K = 1, 2, ... and compare ``step_seconds`` for the speedup.
+Run it with K = 1, 2, ... and compare ``step_seconds`` for the speedup. ``step_cpu_seconds``:
+the most process CPU time any rank spent in a step (MPI waits spin, so it counts them): on a
+machine shared with other jobs it stays what an idle machine's wall time would be, and with
+``ZOHPC_CLOCK=cpu`` the cost model is calibrated on the same clock (``python -m zohpc.plan``
+checks its predictions against it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..steps import CGEStep
 from ..steps.cge import choose_features_mode
 from ..stop import StopRequest
 from ..zo import Coordinates, QueryEngine
+from ..timing import clock_name
 from ..zo.costs import calibrated_costs
 
 
@@ -71,14 +76,16 @@ def run(comm, args) -> int:
         checked = i >= args.warmup and (i - args.warmup) % 2 == 1  # alternate: no check, check
         step_fn.stop = stop if checked else None
         comm.barrier()
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         result = step_fn(x.clone(), y.clone(), i)
+        step_cpu = comm.allreduce_max(time.process_time() - c_step)
         step_seconds = comm.allreduce_max(time.perf_counter() - t_step)
         t = result.times
-        row = torch.tensor([t["forward"], t["compute"], t["gather"], t["update"], step_seconds], dtype=torch.float64)
-        table = comm.gatherv(row, [5] * comm.size)
+        row = torch.tensor([t["forward"], t["compute"], t["gather"], t["update"], step_seconds, step_cpu],
+                           dtype=torch.float64)
+        table = comm.gatherv(row, [6] * comm.size)
         if i >= args.warmup and comm.is_driver:
-            rows[checked].append(table.view(comm.size, 5))
+            rows[checked].append(table.view(comm.size, 6))
     if not comm.is_driver:
         return 0
     data = torch.stack(rows[False] + rows[True])  # (steps, ranks, 5)
@@ -99,6 +106,7 @@ def run(comm, args) -> int:
         "active_coords": coords.total,
         "steps": 2 * args.steps,
         "step_seconds": step_seconds,
+        "step_cpu_seconds": float(mean[0, 5]),
         "forward_seconds": float(mean[0, 0]),
         "gather_seconds": float(mean[0, 2]),
         "update_seconds": float(mean[0, 3]),
@@ -108,6 +116,7 @@ def run(comm, args) -> int:
         "predicted_imbalance": step_fn.predicted_imbalance(),
         "queries_per_s": step_fn.queries_per_step / step_seconds,
         "cost_model_seconds": cost_model_seconds,
+        "clock": clock_name(),
         "stop_check": {"step_seconds_without": plain, "step_seconds_with": checked,
                        "ratio": checked / plain},
     }

@@ -41,6 +41,7 @@ class ClosureEvaluator:
         self.closure, self.params, self.runner = closure, params, runner
         self.x = flat(params)
         self.x64 = self.x.double()
+        self.device = self.x.device  # where the RGE core draws the directions
 
     @torch.no_grad()
     def losses_of(self, deltas: torch.Tensor, check=no_check) -> torch.Tensor:
@@ -85,7 +86,7 @@ def estimate_grad_rge(closure, params, q: int = 20, mu: float = 1e-3, seed: int 
     coeffs = rge_coefficients(diffs, dim)
     if scale == "none":
         coeffs = coeffs / dim
-    grad = rge_combine(coeffs, dim, parts)
+    grad = rge_combine(coeffs, dim, parts, device=evaluator.device)
     offset = 0
     for p in params:
         n = p.numel()

@@ -210,18 +210,22 @@ def choose_features_mode(comm, engine, x: torch.Tensor, y: torch.Tensor) -> str:
     """Pick ``broadcast`` or ``recompute`` by timing both on this job (identical results).
 
     Recompute costs one cached forward on each worker; broadcast costs moving the cached
-    activations. The slower of the two ranks decides, the same on every rank.
+    activations. The slower of the two ranks decides, the same on every rank. Both timings
+    synchronize the device (:func:`zohpc.timing.timed`).
     """
     if comm.size == 1:
         return "recompute"
+    from ..timing import timed
+
+    dev = x.device
     comm.agree(engine.prepare, x, y)  # warm; a task error here is reported on every rank
-    t0 = time.perf_counter()
-    engine.prepare(x, y)
-    t_prepare = comm.allreduce_max(time.perf_counter() - t0)
-    feats = [torch.empty(s, dtype=dt, device=x.device) for s, dt in engine.feature_shapes(tuple(x.shape), x.dtype)]
+    t_prepare = comm.allreduce_max(timed(lambda: engine.prepare(x, y), dev)[1])
+    feats = [torch.empty(s, dtype=dt, device=dev) for s, dt in engine.feature_shapes(tuple(x.shape), x.dtype)]
     comm.barrier()
-    t0 = time.perf_counter()
-    for t in feats:
-        comm.bcast_(t)
-    t_bcast = comm.allreduce_max(time.perf_counter() - t0)
+
+    def send():
+        for t in feats:
+            comm.bcast_(t)
+
+    t_bcast = comm.allreduce_max(timed(send, dev)[1])
     return "broadcast" if t_bcast < t_prepare else "recompute"

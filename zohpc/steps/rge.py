@@ -74,9 +74,9 @@ class RGEStep:
 
         def update():
             coeffs = rge_coefficients((losses - base) / self.mu, self.coords.total)
-            dtype = next(self.model.parameters()).dtype
+            first = next(self.model.parameters())
             apply_gradient(self.optimizer, self.model, self.coords,
-                           rge_combine(coeffs, self.coords.total, (self.seed, step), dtype))
+                           rge_combine(coeffs, self.coords.total, (self.seed, step), first.dtype, device=first.device))
 
         finish(comm, self.model, x, update)
         times["update"] = time.perf_counter() - t2

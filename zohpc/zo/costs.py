@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..stop import no_check
+from ..timing import now, sync
 
 MOVE_WEIGHT = 16.0  # FLOP-equivalents per element moved by a memory-bound op (fitted on CPU, see module doc)
 
@@ -38,11 +39,6 @@ def plan_flops(engine) -> list[float]:
     return [float(p.flops + MOVE_WEIGHT * p.moves) for p in engine.work()]
 
 
-def _sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _sample_flat(coords, pi: int, size: int) -> list:
     """``size`` active flat indices of parameter ``pi``, spread over the tensor."""
     idx = coords.indices(pi)
@@ -50,8 +46,13 @@ def _sample_flat(coords, pi: int, size: int) -> list:
     return idx[pick].tolist()
 
 
-def time_pass(engine, coords, pi: int, repeats: int = 1, check=no_check, max_seconds: float = math.inf) -> float:
+def time_pass(engine, coords, pi: int, repeats: int = 1, check=no_check, max_seconds: float = math.inf,
+              statistic=min) -> float:
     """Seconds per query of parameter ``pi``: min over up to ``repeats`` full stacked passes.
+
+    Timed on :func:`zohpc.timing.now` (``ZOHPC_CLOCK``), the device synchronized around each pass.
+    ``statistic``: of the passes' times (``min``: the machine's best; ``statistics.median``:
+    its typical time when other jobs share it).
 
     A pass stacks ``engine.batch_size(pi)`` active coordinates, as a real step does. Stops
     repeating once ``max_seconds`` are spent; calls ``check()`` before each pass.
@@ -59,18 +60,19 @@ def time_pass(engine, coords, pi: int, repeats: int = 1, check=no_check, max_sec
     Q = min(engine.batch_size(pi), coords.counts[pi])
     flat = _sample_flat(coords, pi, Q)
     dev = engine.params[pi].device
-    best, spent = math.inf, 0.0
+    times, spent = [], 0.0
     for _ in range(max(1, repeats)):
         check()
-        _sync(dev)
-        t0 = time.perf_counter()
+        sync(dev)
+        t0 = now()
         engine.query(pi, flat, [1e-3] * Q)
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
+        sync(dev)
+        dt = now() - t0
+        times.append(dt)
+        spent += dt
         if spent >= max_seconds:
             break
-    return best / Q
+    return statistic(times) / Q
 
 
 @dataclass
@@ -122,13 +124,16 @@ def _sample_order(active: list, flops: list) -> list:
     return order
 
 
-def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check=no_check) -> Calibration:
+def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check=no_check,
+              repeats: int = 3, statistic=min) -> Calibration:
     """Time a few representative parameters and fit seconds per query against :func:`plan_flops`.
 
     ``x``, ``y``: a minibatch of the real shape (the engine is prepared on it); None: use the
     engine's current minibatch. The most expensive, the cheapest and the median parameter are
     always timed (one pass each at least); others while the budget lasts (a sample is skipped
     when the fit so far predicts it would overrun). ``check()`` is called between timings.
+    ``repeats``, ``statistic``: passes per sample and what counts of their times (start-up:
+    the fastest of 3; ``python -m zohpc.plan``: the median of 10).
     """
     t_start = time.perf_counter()
     engine.check_coords(coords)
@@ -153,7 +158,8 @@ def calibrate(engine, coords, x=None, y=None, budget_seconds: float = 2.0, check
             guess = (a * flops[pi] + b) * min(engine.batch_size(pi), coords.counts[pi])
             if guess > left:
                 continue
-        sec = time_pass(engine, coords, pi, repeats=3, check=check, max_seconds=min(share, max(left, 0.0)))
+        sec = time_pass(engine, coords, pi, repeats=repeats, check=check, max_seconds=min(share, max(left, 0.0)),
+                        statistic=statistic)
         samples.append((pi, flops[pi], sec))
     a, b = _fit([(f, s) for _, f, s in samples])
     return Calibration(a, b, samples, time.perf_counter() - t_start)

@@ -5,11 +5,14 @@ Used by the RGE training step, by ZO-GraSP (:mod:`zohpc.prune`) and by the ZO-SG
 
 Directions. Direction ``j`` of a draw named by ``seed_parts`` (training: ``(seed, step)``)
 is ``u_j = z / ||z||`` with ``z`` the ``dim`` float32 normals of the generator
-``zohpc.seeding.generator(tag, *seed_parts, j)`` (default tag ``"rge-direction"``), widened to
-float64 before normalizing. A direction depends on ``(tag, seed_parts, j, dim)`` only: any
-rank, any dtype, any block layout, any later re-generation gives the same vector, so
-directions are never held ``q x dim`` at once (they are made again where needed, in blocks
-of at most one stacked pass).
+``zohpc.seeding.generator(tag, *seed_parts, j, device=...)`` (default tag ``"rge-direction"``),
+widened to float64 before normalizing. Directions are drawn on the device of the parameters
+(the evaluator's ``device``): a GPU run never copies ``dim``-sized blocks from the host. A
+direction depends on ``(tag, seed_parts, j, dim)`` and the device type only: any rank, any
+dtype, any block layout, any later re-generation on the same device type gives the same
+vector, so directions are never held ``q x dim`` at once (they are made again where needed,
+in blocks of at most one stacked pass). CPU and CUDA generators draw different normals: a
+run resumed on the other device type continues with other (equally valid) directions.
 
 Scaling convention (the only place it is defined, :func:`rge_coefficients`)::
 
@@ -38,18 +41,25 @@ from ..stop import no_check
 TAG = "rge-direction"
 
 
-def direction(dim: int, seed_parts: tuple, j: int, tag: str = TAG) -> torch.Tensor:
-    """Unit direction ``u_j`` (float64, CPU) over ``dim`` coordinates (see the module docstring)."""
-    z = torch.randn(int(dim), generator=generator(tag, *seed_parts, int(j)), dtype=torch.float32).double()
+def direction(dim: int, seed_parts: tuple, j: int, tag: str = TAG, device="cpu") -> torch.Tensor:
+    """Unit direction ``u_j`` (float64, on ``device``) over ``dim`` coordinates (see the module docstring)."""
+    dev = torch.device(device)
+    z = torch.randn(int(dim), generator=generator(tag, *seed_parts, int(j), device=dev), dtype=torch.float32,
+                    device=dev).double()
     return z.div_(torch.linalg.vector_norm(z))
 
 
-def directions(dim: int, seed_parts: tuple, lo: int, hi: int, tag: str = TAG) -> torch.Tensor:
-    """Rows ``u_lo .. u_{hi-1}``: a ``(hi - lo, dim)`` float64 block (keep ``hi - lo`` small)."""
-    out = torch.empty(max(0, hi - lo), int(dim), dtype=torch.float64)
+def directions(dim: int, seed_parts: tuple, lo: int, hi: int, tag: str = TAG, device="cpu") -> torch.Tensor:
+    """Rows ``u_lo .. u_{hi-1}``: a ``(hi - lo, dim)`` float64 block on ``device`` (keep ``hi - lo`` small)."""
+    out = torch.empty(max(0, hi - lo), int(dim), dtype=torch.float64, device=device)
     for k, j in enumerate(range(lo, hi)):
-        out[k] = direction(dim, seed_parts, j, tag)
+        out[k] = direction(dim, seed_parts, j, tag, device)
     return out
+
+
+def evaluator_device(evaluator) -> torch.device:
+    """Where ``evaluator`` computes (its ``device``; the CPU if it does not say)."""
+    return torch.device(getattr(evaluator, "device", "cpu"))
 
 
 @torch.no_grad()
@@ -70,10 +80,11 @@ def rge_losses(evaluator, dim: int, seed_parts: tuple, lo: int, hi: int, mu: flo
         raise ValueError(f"rge_losses: bad direction range [{lo}, {hi})")
     size = max(1, int(evaluator.copies_per_pass))
     out = torch.empty(hi - lo, dtype=torch.float64)
+    dev = evaluator_device(evaluator)
     a = lo
     while a < hi:
         b = min(hi, (a // size + 1) * size)
-        deltas = directions(dim, seed_parts, a, b, tag).mul_(mu)
+        deltas = directions(dim, seed_parts, a, b, tag, dev).mul_(mu)
         if scatter is not None:
             deltas = scatter(deltas)
         out[a - lo:b - lo] = evaluator.losses_of(deltas, check).detach().to(device="cpu", dtype=torch.float64)
@@ -90,10 +101,13 @@ def active_scatter(coords):
     index = torch.cat([coords.indices(pi) + starts[pi] for pi in range(len(coords.numels))]
                       ) if coords.numels else torch.zeros(0, dtype=torch.long)
     D = starts[-1]
+    placed = {}  # device -> index there (moved once)
 
     def scatter(block: torch.Tensor) -> torch.Tensor:
+        if block.device not in placed:
+            placed[block.device] = index.to(block.device)
         out = block.new_zeros(block.shape[0], D)
-        out[:, index.to(block.device)] = block
+        out[:, placed[block.device]] = block
         return out
 
     return scatter
@@ -110,13 +124,16 @@ def rge_combine(coeffs: torch.Tensor, dim: int, seed_parts: tuple, dtype=torch.f
                 device=None) -> torch.Tensor:
     """``sum_j coeffs[j] u_j`` over ``dim`` coordinates (float64 accumulation in j order), then cast.
 
-    Directions are regenerated one at a time: memory ``O(dim)``, whatever ``q``.
+    Directions are regenerated one at a time on ``device`` (None: the CPU), which must be the
+    device type the losses were evaluated on (the same directions): memory ``O(dim)``,
+    whatever ``q``.
     """
+    dev = torch.device(device if device is not None else "cpu")
     coeffs = torch.as_tensor(coeffs, dtype=torch.float64).reshape(-1).cpu().tolist()
-    acc = torch.zeros(int(dim), dtype=torch.float64)
+    acc = torch.zeros(int(dim), dtype=torch.float64, device=dev)
     for j, c in enumerate(coeffs):
-        acc.add_(direction(dim, seed_parts, j, tag), alpha=c)
-    return acc.to(dtype=dtype, device=device if device is not None else "cpu")
+        acc.add_(direction(dim, seed_parts, j, tag, dev), alpha=c)
+    return acc.to(dtype=dtype)
 
 
 def sharded_losses(evaluator, dim: int, seed_parts: tuple, q: int, mu: float, comm=None, scatter=None,
