@@ -20,6 +20,7 @@ at equal queries (ReLIZO's claim).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -246,4 +247,66 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["PAPER", "run", "table", "plot", "settings", "pretrain"]
+
+
+SWEEP = {"spsa": (3e-3, 1e-2, 3e-2, 1e-1), "lizo": (0.3, 1.0, 3.0), "fo": (1e-3, 3e-3, 1e-2, 3e-2)}
+
+
+def sweep(comm, out_dir: str, budget: int, methods=("spsa", "lizo", "fo")) -> list[dict]:
+    """The learning-rate sweep the settings come from: each method at each lr of ``SWEEP``,
+    ``budget`` queries (FO: ``fo_steps``), scored on the **validation** split (the test split
+    stays unseen). Reuses ``OUT/base`` when a study already pretrained it there."""
+    s = dict(FULL, budget=budget)
+    comm.set_threads()
+    base = os.path.join(out_dir, "base")
+    if comm.is_driver and not os.path.isfile(os.path.join(base, "config.json")):
+        pretrain(s, base)
+    comm.barrier()
+    rows = []
+    for method in methods:
+        for lr in SWEEP[method]:
+            if method == "fo":
+                r = fo_method(dict(s, fo_lr=lr), base) if comm.is_driver else {}
+            elif method == "spsa":
+                r = zo_method(s, base, _spsa_overrides(s) + ["optim.name=sgd", f"optim.lr={lr}"],
+                              os.path.join(out_dir, "sweep", f"spsa-{lr:g}"), s["spsa_queries"] + 1)
+            else:
+                r = zo_method(s, base, ["optim.name=lizo", f"optim.lr={lr}", f"optim.num_sample_per_step={s['lizo_n']}",
+                                        "optim.reuse_distance_bound=-1"], os.path.join(out_dir, "sweep", f"lizo-{lr:g}"),
+                              s["lizo_n"] + 1)
+            if comm.is_driver:
+                row = {"method": method, "lr": lr, "val_accuracy": r["val_accuracy"], "queries": r.get("queries")}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    """``python -m zohpc.reproduce.peft_finetune sweep [--budget N] [--out DIR]`` (under mpirun as the study)."""
+    import argparse
+
+    from ..comm import run_main
+
+    p = argparse.ArgumentParser(prog="zohpc.reproduce.peft_finetune")
+    p.add_argument("what", choices=["sweep"])
+    p.add_argument("--budget", type=int, default=1500, help="queries per ZO run (default 1500)")
+    p.add_argument("--methods", default="spsa,lizo,fo")
+    p.add_argument("--out", default="runs/reproduce/peft_finetune")
+    args = p.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = [m for m in methods if m not in SWEEP]
+    if bad:
+        p.error(f"--methods: unknown {bad[0]!r} (choose from {', '.join(SWEEP)})")
+
+    def entry(comm):
+        sweep(comm, args.out, args.budget, methods)
+        return 0
+
+    run_main(entry, "zohpc.reproduce.peft_finetune")
+
+
+__all__ = ["PAPER", "run", "table", "plot", "settings", "pretrain", "sweep"]
+
+
+if __name__ == "__main__":
+    main()
