@@ -2,17 +2,26 @@
 
 1. A small Llama (Hugging Face ``transformers``, built from a config) is pretrained by
    backprop (Adam, next-word loss) on documents of the synthetic language of
-   :mod:`zohpc.tasks.language`, and saved with its tokenizer to ``OUT/base`` (rank 0); every
-   rank loads it from there, as the ``hf`` task loads any local model.
+   :mod:`zohpc.tasks.language` (adjective sentiments agree with the document's hidden one
+   with probability ``agreement``), and saved with its tokenizer to ``OUT/base`` (rank 0);
+   every rank loads it from there, as the ``hf`` task loads any local model. Its init std is
+   0.2: from Hugging Face's 0.02 this tiny model stays on the context-free plateau (next-word
+   guesses from position alone, sentiment never learned: the LM probe stayed at chance).
+   ``pretrain.probe_accuracy``: the pretrained LM on its own prompt (``the film was``).
 2. The downstream task: that language's reviews, label = the majority sentiment, read as the
-   next-word logits of ``bad`` / ``good`` after the prompt ``verdict :`` (prompt-based, as
-   MeZO fine-tunes). ``zero_shot`` is the pretrained model on that prompt: the floor.
-3. LoRA adapters (rank 4) on ``q_proj`` and ``v_proj``; only they train, by
+   next-word logits of ``bad`` / ``good`` after the prompt ``verdict :``, which pretraining
+   never showed (prompt-based, as MeZO fine-tunes). ``zero_shot`` is the pretrained model on
+   that prompt: the floor (it answers one class: the floor is that class's share).
+3. LoRA adapters (rank 4) on ``q_proj`` and ``v_proj`` (1,024 values); only they train, by
    ``fo`` (Adam, backprop: the upper bound), ``spsa`` (MeZO's estimator), ``lizo`` (ReLIZO with
    query reuse) and ``lizo_no_reuse`` (reuse bound 0), the ZO methods by ``zohpc.run`` over
    all ranks, each stopped at the same budget of loss queries (every forward a method asks
    for counts, LIZO's base query included). LIZO's queries per step depend on how many rows
    it reuses, so its run is extended by exact resumes until the next step would pass the budget.
+   Every step sees the same ``train_size`` reviews (full batch): the objective is one
+   function, as LIZO's reuse of earlier losses assumes (with minibatches a reused loss is of
+   another batch). The learning rates come from :func:`sweep` on the validation split;
+   the table's accuracy is on the test split.
 
 Goals (the issue): every ZO method above the floor; LIZO with reuse at least SPSA's accuracy
 at equal queries (ReLIZO's claim).
