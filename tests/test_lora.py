@@ -154,5 +154,6 @@ def test_quick_study_under_two_ranks(tmp_path):
     assert set(m) == {"fo", "spsa", "lizo", "lizo_no_reuse", "zero_shot"}
     budget = result["settings"]["budget"]
     for k in ("spsa", "lizo", "lizo_no_reuse"):
-        assert 0 < m[k]["queries"] <= budget and 0 <= m[k]["accuracy"] <= 1
+        assert 0 < m[k]["queries"] <= budget and 0 <= m[k]["accuracy"] <= 1 and 0 <= m[k]["val_accuracy"] <= 1
+    assert m["lizo"]["reuse_rate"] > 0 and m["lizo_no_reuse"]["reuse_rate"] == 0  # the reuse run reuses
     assert set(result["goals"]) == {"zo_above_floor", "lizo_at_least_spsa"}

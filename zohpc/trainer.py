@@ -404,4 +404,7 @@ class Trainer:
                 if k not in best or (v < best[k] if lower_is_better else v > best[k]):
                     best[k] = v
         queries = sum(r.queries for r in self.metrics.records(rec.Step))
-        return {"steps": self.step, "epochs": self.epoch, "queries": queries, "final": final, "best": best}
+        out = {"steps": self.step, "epochs": self.epoch, "queries": queries, "final": final, "best": best}
+        if hasattr(self.optimizer, "counters"):  # LIZO: reused rows, fallbacks, ... (the same on every rank)
+            out["optimizer_counters"] = self.optimizer.counters()
+        return out

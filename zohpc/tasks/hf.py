@@ -55,13 +55,19 @@ class PromptClassifier(nn.Module):
         return logits[:, -1, :].index_select(-1, self.label_ids)
 
 
-def build_lm(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int = 64, seed: int = 0):
-    """A small Llama causal LM from a config (eager attention: deterministic, vmap-friendly)."""
+def build_lm(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int = 64, seed: int = 0,
+             init_std: float = 0.02):
+    """A small Llama causal LM from a config (eager attention: deterministic, vmap-friendly).
+
+    ``init_std``: the normal init's std (``initializer_range``; Hugging Face's default 0.02).
+    A model this small pretrained from 0.02 can sit for many epochs on the context-free
+    plateau (attention near uniform, next-word guesses from position alone); 0.2 leaves it."""
     tf = _transformers()
     config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                             max_position_embeddings=max_positions, attn_implementation="eager",
-                            pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
+                            pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=True,
+                            initializer_range=init_std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return tf.LlamaForCausalLM(config)
@@ -104,13 +110,15 @@ def label_ids(tok, words) -> list[int]:
     return ids
 
 
-def make_task(lm, tok, train_size: int, test_size: int, seed: int, name: str = "hf") -> Task:
-    """The review classification task of :mod:`zohpc.tasks.language` on ``lm`` (cross entropy, accuracy)."""
+def make_task(lm, tok, train_size: int, test_size: int, seed: int, name: str = "hf", test_split: str = "test") -> Task:
+    """The review classification task of :mod:`zohpc.tasks.language` on ``lm`` (cross entropy, accuracy).
+
+    ``test_split``: the split held out as ``task.test`` ("test", or "val" for tuning on it)."""
     from . import language
 
     model = PromptClassifier(lm, label_ids(tok, language.LABEL_WORDS))
     texts, y = language.reviews(train_size, seed, "train")
-    ttexts, ty = language.reviews(test_size, seed, "test")
+    ttexts, ty = language.reviews(test_size, seed, test_split)
     return Task(model=model, train=(language.encode(tok, texts), y), test=(language.encode(tok, ttexts), ty),
                 loss=None, metrics=accuracy, name=name,
                 info={"vocab": len(tok), "seq_len": len(texts[0].split())})
