@@ -115,13 +115,13 @@ class GrayBoxStep:
 
     @torch.no_grad()
     def check_per_sample(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The objective on the minibatch equals the mean of its per-sample values (to 1e-4)."""
+        """The objective on the minibatch equals the mean of its per-sample values (to 1e-4, relative)."""
         with batch_stats_only(self.model):
             out = self.model(x)
         whole = float(self.objective(out, y, 1)[0])
         parts = [float(self.objective(out[b:b + 1], y[b:b + 1], 1)[0]) for b in range(out.shape[0])]
         mean = math.fsum(parts) / len(parts)
-        if abs(whole - mean) > 1e-4 * max(1.0, abs(whole)):
+        if not abs(whole - mean) <= 1e-4 * max(abs(whole), abs(mean)) + 1e-300:
             raise UserError(f"zo.boundary = \"outputs\": task '{self.objective.name}': the loss of a minibatch "
                             f"({whole:.6g}) is not the mean of its samples' losses ({mean:.6g}); gray-box CGE "
                             "queries one sample at a time (use zo.boundary = \"parameters\")")
