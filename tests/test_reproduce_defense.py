@@ -112,6 +112,10 @@ def test_study_quick_two_ranks(tmp_path):
     # ZO training helps: the ZO denoiser beats smoothing the black box alone
     assert ca["zo_ds"][0] > ca["none"][0]
     assert result["noisy_accuracy"]["zo_ds"] > result["noisy_accuracy"]["none"]
+    # the gray-box row: the same steps, one image per query, and it helps too
+    gb = result["gb"]
+    assert gb["steps"] == result["zo"]["steps"] and gb["queries"] == gb["images_queried"] > 0
+    assert result["noisy_accuracy"]["gb_ds"] > result["noisy_accuracy"]["none"]
     for name in ("certified_defense.json", "certified_defense.txt", "certified_defense.png"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -16,14 +16,18 @@ def test_quick_study_under_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     mae = result["mae"]
-    assert set(mae) == {"src", "non", "zo_sol", "fo_sol"}
+    assert set(mae) == {"src", "non", "zo_sol", "fo_sol", "gb_sol"}
     assert all(v > 0 for v in mae.values())
     assert mae["zo_sol"] < mae["src"]  # ZO training through the black box beats no training
     assert mae["non"] < mae["src"]
-    # (FO-SOL is not checked against SRC here: after --quick's 12 epochs a single closed-loop
+    # (FO-SOL is not checked against SRC here: after --quick's 10 epochs a single closed-loop
     # rollout model may still be unstable; the full study averages three seeds of 40 epochs)
     assert result["mae_per_seed"]["zo_sol"] == [mae["zo_sol"]]
     assert result["zo_queries"] > 0 and result["settings"]["ranks"] == 2
+    # gray-box: the corrector white-box, the solver still a black box (its MAE, like FO-SOL's,
+    # is not checked against SRC after so few epochs: see above)
+    assert result["gb_steps"] == result["zo_steps"]
+    assert result["sample_evaluations"]["gb_sol"] == result["gb_queries"] > 0
     for ext in ("json", "txt", "png"):
         assert os.path.getsize(out / f"solver_in_the_loop.{ext}") > 0
     assert "ZO-SOL" in (out / "solver_in_the_loop.txt").read_text()
@@ -39,6 +43,14 @@ def test_table_reports_ordering():
     two = {**base, "settings": {**base["settings"], "seeds": [0, 1]}, "mae": good["mae"],
            "mae_per_seed": {"src": [0.2, 0.2], "non": [0.15, 0.15], "zo_sol": [0.1, 0.16], "fo_sol": [0.05, 0.05]}}
     assert "ordering held in 1 of 2" in study.table(two)
+    two["mae"] = {**good["mae"], "zo_sol": 0.13}  # the seeds' mean
+    assert "NOT beyond the seeds' standard error" in study.table(two)  # NON - ZO-SOL 0.02 < s.e. 0.03
+    three = {**two, "settings": {**base["settings"], "seeds": [0, 1, 2]},
+             "mae": {**good["mae"], "gb_sol": 0.06}, "gb_queries": 99, "sample_evaluations": {"gb_sol": 99},
+             "mae_per_seed": {"src": [0.2] * 3, "non": [0.15, 0.16, 0.14], "zo_sol": [0.1, 0.11, 0.09],
+                              "fo_sol": [0.05] * 3, "gb_sol": [0.06] * 3}}
+    text = study.table(three)
+    assert "beyond the seeds' standard error" in text and "NOT beyond" not in text and "GB-SOL" in text
 
 
 def test_plot_writes_png(tmp_path):

@@ -58,6 +58,9 @@ class ZOConfig:
     features: str = "auto"  # broadcast | recompute | auto (measured at start-up)
     feature_reuse: bool = True  # false: every CGE query is a full forward (for comparisons)
     precision: str = "ieee"  # ieee | delta-tf32 | delta-bf16: CGE queries as differences (zohpc.zo.delta)
+    # what the queries perturb: the model's parameters, or (gray-box mode, zohpc.steps.graybox)
+    # its outputs, the objective's gradient there backpropagated through a differentiable model
+    boundary: str = "parameters"  # parameters | outputs
 
 
 @dataclass
@@ -147,6 +150,7 @@ CHOICES = {
     "zo.difference": ("forward", "central"),
     "zo.features": ("auto", "broadcast", "recompute"),
     "zo.precision": ("ieee", "delta-tf32", "delta-bf16"),
+    "zo.boundary": ("parameters", "outputs"),
     "prune.method": ("none", "zo_grasp", "grasp", "random", "magnitude"),
     "optim.name": ("sgd", "adam", "lizo"),
     "optim.schedule": ("cosine", "step", "constant"),
@@ -350,6 +354,8 @@ def validate(cfg: Config) -> None:
         value = get(cfg, dotted)
         if not ok(value):
             raise ConfigError(f"config key '{dotted}': {value!r} is out of range (must be {desc})")
+    if cfg.zo.boundary == "outputs":
+        check_graybox(cfg)
     if cfg.data.name in NEEDS_DIR:
         if not cfg.data.dir:
             raise ConfigError(f"config key 'data.dir': required for data.name = '{cfg.data.name}'")
@@ -370,6 +376,17 @@ def validate(cfg: Config) -> None:
 
     if ":" not in cfg.model.name and cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"config key 'model.name': {cfg.model.name!r} is not one of {', '.join(MODEL_NAMES)}")
+
+
+def check_graybox(cfg: Config) -> None:
+    """Gray-box mode estimates the objective's gradient at the outputs by CGE and steps
+    ``optim.name`` (sgd | adam) on the backpropagated gradient: no other estimator, no masks."""
+    if estimator_name(cfg) != "cge":
+        raise ConfigError(f"config key 'zo.boundary': \"outputs\" (gray-box) estimates the output gradient by CGE; "
+                          f"zo.estimator = {estimator_name(cfg)!r} perturbs parameters (set zo.estimator = \"cge\")")
+    if cfg.prune.masks_file or (cfg.prune.method != "none" and cfg.prune.sparsity > 0):
+        raise ConfigError("config key 'prune.method': masks choose parameters to perturb, and zo.boundary = "
+                          "\"outputs\" perturbs none (set prune.method = \"none\", no prune.masks_file)")
 
 
 def to_dict(cfg: Config) -> dict:

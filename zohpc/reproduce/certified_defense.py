@@ -9,7 +9,11 @@ Three defenses, the same black box and the same certification:
 * ``none``: smoothing the black box alone;
 * ``fo_ds``: the denoiser trained by backprop through a white-box copy of the classifier
   (the upper bound a black box denies);
-* ``zo_ds``: the denoiser trained by zohpc (CGE over MPI) through the black box.
+* ``zo_ds``: the denoiser trained by zohpc (CGE over MPI) through the black box;
+* ``gb_ds``: gray-box mode (``zo.boundary = "outputs"``, :mod:`zohpc.steps.graybox`): the
+  classifier stays a black box but the denoiser is white-box, so the queries perturb the
+  denoised image (CGE over its 64 pixels, one image per query) and one backward pass through
+  the denoiser gives the parameter gradient (ZO-AE-DS's idea with the image as the interface).
 
 Noise level: sigma = 0.25 in [0, 1] pixel units (one quarter of the pixel range, as the
 paper's ImageNet setting). Radii: 0 / 0.2 / 0.4 / 0.6: with n = 10,000 samples at
@@ -33,10 +37,12 @@ PAPER = {
     },
 }
 
-METHODS = ("none", "fo_ds", "zo_ds")
-LABELS = {"none": "no denoiser", "fo_ds": "FO-DS (white box)", "zo_ds": "ZO-DS (zohpc)"}
+METHODS = ("none", "fo_ds", "zo_ds", "gb_ds")
+LABELS = {"none": "no denoiser", "fo_ds": "FO-DS (white box)", "zo_ds": "ZO-DS (zohpc)",
+          "gb_ds": "GB-DS (gray-box)"}
 PAPER_LABELS = {"fo_ds": "FO-DS", "zo_ds": "ZO-DS (DeepZero)", "zo_ae_ds": "ZO-AE-DS"}
-COLORS = {"none": "tab:gray", "fo_ds": "tab:blue", "zo_ds": "tab:orange", "zo_ae_ds": "tab:green"}
+COLORS = {"none": "tab:gray", "fo_ds": "tab:blue", "zo_ds": "tab:orange", "zo_ae_ds": "tab:green",
+          "gb_ds": "tab:red"}
 RADII = (0.0, 0.2, 0.4, 0.6)
 
 SETTINGS = {
@@ -52,6 +58,16 @@ def zo_overrides(s: dict, c: dict) -> list[str]:
     return ["zo.estimator=cge", "prune.method=zo_grasp", "prune.sparsity=0.5", "prune.mask_interval=1",
             "optim.name=adam", f"optim.lr={s['lr']}",
             "optim.schedule=constant", f"data.batch_size={s['batch_size']}", f"train.epochs={s['zo_epochs']}",
+            f"train.max_steps={s['zo_max_steps']}", f"train.seed={c['seed']}"]
+
+
+def gb_overrides(s: dict, c: dict) -> list[str]:
+    """GB-DS: the same optimizer, lr, batches and steps as ZO-DS; central differences at the
+    denoised pixels (mu 5e-3 of the [0, 1] range; the black box's float32 logits make a forward
+    difference at a smaller mu noisy), one stacked pass of 129 images per training image."""
+    return ["zo.estimator=cge", "zo.boundary=outputs", "zo.difference=central", "zo.mu=5e-3", "zo.query_batch=129",
+            "prune.method=none", "optim.name=adam", f"optim.lr={s['lr']}", "optim.schedule=constant",
+            f"data.batch_size={s['batch_size']}", f"train.epochs={s['zo_epochs']}",
             f"train.max_steps={s['zo_max_steps']}", f"train.seed={c['seed']}"]
 
 
@@ -86,9 +102,15 @@ def run(comm, out_dir: str, quick: bool) -> dict:
     zo_seconds = time.perf_counter() - t0
     zo = task.model
 
+    # ---- GB-DS: gray-box mode, the same denoiser start, objective and black box
+    gray = make_task(clf, data, opts)
+    t0 = time.perf_counter()
+    gb_summary = zohpc.run(gray, overrides=gb_overrides(s, c), save=False)
+    gb_seconds = time.perf_counter() - t0
+
     # ---- certification of the three smoothed classifiers, test points split over ranks
     bb = BlackBox(clf)
-    pipelines = {"none": lambda z: z, "fo_ds": fo, "zo_ds": zo}
+    pipelines = {"none": lambda z: z, "fo_ds": fo, "zo_ds": zo, "gb_ds": gray.model}
     xs, ys = data.test_x[:s["images"]], data.test_y[:s["images"]].numpy()
     tx, ty = task.test
     cert, noisy, curves, seconds = {}, {}, {}, {}
@@ -119,7 +141,11 @@ def run(comm, out_dir: str, quick: bool) -> dict:
         "denoiser_parameters": int(sum(p.numel() for p in zo.parameters())),
         "fo": {"epochs": s["fo_epochs"], "seconds": fo_seconds},
         "zo": {"steps": summary.get("steps"), "epochs": summary.get("epochs"), "queries": summary.get("queries"),
-               "seconds": zo_seconds, "ranks": comm.size, "overrides": zo_overrides(s, c)},
+               "seconds": zo_seconds, "ranks": comm.size, "overrides": zo_overrides(s, c),
+               "images_queried": int(summary.get("queries") or 0) * s["batch_size"]},
+        # one gray-box query is one image through the black box; a ZO-DS query a minibatch
+        "gb": {"steps": gb_summary.get("steps"), "queries": gb_summary.get("queries"), "seconds": gb_seconds,
+               "ranks": comm.size, "overrides": gb_overrides(s, c), "images_queried": gb_summary.get("queries")},
         "certify_seconds": seconds,
     }
 
@@ -142,10 +168,19 @@ def table(result: dict) -> str:
         f"black box: {100 * result['clean_accuracy']:.1f}% clean test accuracy; denoiser: "
         f"{result['denoiser_parameters']} parameters; ZO-DS: {result['zo']['steps']} CGE steps, "
         f"{result['zo']['queries']} queries, {result['zo']['seconds']:.0f} s on {result['zo']['ranks']} rank(s)",
+    ]
+    for key, name in (("zo", "ZO-DS"), ("gb", "GB-DS")):
+        if key in result and result[key].get("images_queried") is not None:
+            r = result[key]
+            lines.append(f"{name}: {r['steps']} steps, {r['queries']:,} queries, {r['images_queried']:,} images "
+                         f"through the black box, {r['seconds']:.0f} s")
+    lines += [
         "",
         f"{'certified accuracy (%)':26s}{head}   noisy top-1",
     ]
     for m in METHODS:
+        if m not in result["certified_accuracy"]:
+            continue
         vals = "".join(f"{100 * v:9.1f}" for v in result["certified_accuracy"][m])
         lines.append(f"{LABELS[m]:26s}{vals}   {100 * result['noisy_accuracy'][m]:8.1f}")
     lines.append("")
@@ -166,6 +201,8 @@ def plot(result: dict, path: str) -> None:
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     for m in METHODS:
+        if m not in result["curves"]:
+            continue
         ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m], color=COLORS[m])
         ax.plot(result["radii"], [100 * v for v in result["certified_accuracy"][m]], "o", color=COLORS[m])
     ax.set_xlabel("L2 radius ([0, 1] pixels)")

@@ -4,10 +4,11 @@
 
 from .build import build_step, estimator_name
 from .cge import CGEStep
+from .graybox import GrayBoxStep
 from .lizo import LIZOStep
 from .protocol import Outcome, Step, StepResult, attempt, settle
 from .rge import RGEStep
 from .spsa import SPSAStep
 
-__all__ = ["CGEStep", "RGEStep", "LIZOStep", "SPSAStep", "Step", "StepResult", "Outcome", "attempt", "settle",
+__all__ = ["CGEStep", "GrayBoxStep", "RGEStep", "LIZOStep", "SPSAStep", "Step", "StepResult", "Outcome", "attempt", "settle",
            "build_step", "estimator_name"]

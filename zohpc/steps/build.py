@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import estimator_name
 from ..errors import ConfigError
 from .cge import CGEStep
+from .graybox import GrayBoxStep
 from .lizo import LIZOStep
 from .rge import RGEStep
 from .spsa import SPSAStep
@@ -31,9 +32,13 @@ def make_engine(model, objective, cfg):
 
 
 def build_step(cfg, comm, model, optimizer, objective, *, stop=None, progress=None):
-    """The step of ``zo.estimator`` (cge | rge | lizo | spsa). ``optimizer``: the one
+    """The step of ``zo.estimator`` (cge | rge | lizo | spsa), or gray-box CGE at the model's
+    outputs with ``zo.boundary = "outputs"``. ``optimizer``: the one
     :func:`zohpc.trainer.build_optimizer` made for that estimator (LIZO and SPSA are their own
     optimizers); ``progress(step)``: a callback factory for long steps (CGE), or None."""
+    if cfg.zo.boundary == "outputs":  # gray-box: CGE at the outputs, backprop through the model
+        return GrayBoxStep(comm, model, optimizer, objective, mu=cfg.zo.mu, difference=cfg.zo.difference,
+                           query_batch=cfg.zo.query_batch, stop=stop)
     name = estimator_name(cfg)
     if name == "lizo":
         return LIZOStep(comm, model, optimizer, objective, stop=stop)

@@ -192,6 +192,24 @@ def solver_loss_fn(solver: Burgers):
     return loss
 
 
+def solver_batched_loss_fn(solver: Burgers):
+    """The same black box for Q stacked copies ``(Q, B, ...)`` at once: shape ``(Q,)``, entry q
+    equal to the per-copy loss up to rounding (numpy over the copy axis too)."""
+
+    def batched(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ref = targets.detach().cpu().numpy().astype(np.float64)
+        Q, n = outputs.shape[0], ref.shape[1] - 1
+        corr = outputs.detach().cpu().numpy().astype(np.float64).reshape(Q, ref.shape[0], n, -1)
+        u = np.broadcast_to(ref[:, 0], (Q, *ref[:, 0].shape))
+        total = np.zeros(Q)
+        for k in range(n):
+            u = solver.coarse(u) + corr[:, :, k]
+            total += np.mean((u - ref[:, k + 1]) ** 2, axis=(1, 2))
+        return torch.from_numpy(total / n)
+
+    return batched
+
+
 def unrolled_torch_loss(solver: Burgers, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The same objective with the torch solver (differentiable; FO-SOL trains on it)."""
     ref = targets.to(torch.float64)
@@ -266,7 +284,8 @@ def make_task(opts: dict, seed: int = 0, data: BurgersData | None = None) -> Tas
         return {"window_mse": loss(outputs, targets)}
 
     return Task(model=make_model(opts, seed), train=data.pairs(data.train_windows), loss=loss,
-                test=data.pairs(data.test_windows), metrics=metrics, name="burgers",
+                batched_loss=solver_batched_loss_fn(data.solver), test=data.pairs(data.test_windows),
+                metrics=metrics, name="burgers",
                 info={"train_windows": int(data.train_windows.shape[0]), "grid": int(opts["grid"]),
                       "unroll": int(opts["unroll"])})
 

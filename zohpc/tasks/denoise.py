@@ -10,7 +10,8 @@ train it.
 The task (``task.name = "zohpc.tasks.denoise:build"``): model = :class:`Denoiser`; train
 data = ``copies`` noisy versions of every training image (noise drawn once, seeded), with
 their labels; test data = one noisy version of every test image; loss = cross entropy of
-the black box's logits on the denoised minibatch (numpy, per copy); metric = accuracy of
+the black box's logits on the denoised minibatch (numpy; per copy, and for Q stacked copies in
+one black-box call); metric = accuracy of
 the black box on the denoised noisy test images.
 """
 
@@ -78,9 +79,14 @@ def noisy_copies(x: torch.Tensor, copies: int, sigma: float, seed: int, tag: str
 
 def cross_entropy_np(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean cross entropy of logits (B, K) against integer labels, in float64 numpy."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(lse - z[np.arange(z.shape[0]), labels]))
+    return float(cross_entropy_copies(logits[None], labels)[0])
+
+
+def cross_entropy_copies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean cross entropy of each copy's logits (Q, B, K) against labels (B,): shape (Q,)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    return np.mean(lse - np.take_along_axis(z, labels[None, :, None], -1)[..., 0], axis=1)
 
 
 def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
@@ -94,12 +100,16 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
     def loss(outputs, targets):
         return cross_entropy_np(bb(outputs), targets.numpy())
 
+    def batched_loss(outputs, targets):  # (Q, B, ...): one black-box call for every copy
+        logits = bb(outputs.reshape(-1, *outputs.shape[2:]))
+        return torch.from_numpy(cross_entropy_copies(logits.reshape(*outputs.shape[:2], -1), targets.numpy()))
+
     def metrics(outputs, targets):
         return {"accuracy": float(np.mean(bb(outputs).argmax(1) == targets.numpy()))}
 
     model = make_denoiser(data.input_shape[0], int(opts["width"]), int(opts["depth"]), seed)
     task = Task(model=model, train=(train_x, train_y), test=(test_x, data.test_y), loss=loss,
-                metrics=metrics, name="denoise", info=dict(opts))
+                batched_loss=batched_loss, metrics=metrics, name="denoise", info=dict(opts))
     return task
 
 
