@@ -4,7 +4,7 @@
 Both are loaded on first use: importing zohpc starts neither torch nor MPI.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 
 def __getattr__(name):

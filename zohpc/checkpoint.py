@@ -36,10 +36,11 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 from .h5util import (  # noqa: F401 - trailer names re-exported for users of this module
-    TRAILER_PREFIX, TRAILER_SIZE, append_trailer, atomic_h5, open_verified, read_array, verify_trailer, write_array,
+    TRAILER_PREFIX, TRAILER_SIZE, append_trailer, atomic_h5, check_declared_size, open_verified, read_array,
+    verify_trailer, write_array,
 )
 
 FORMAT_NAME = "zohpc-checkpoint"
@@ -69,16 +70,13 @@ def read_json(group: h5py.Group, name: str, path: str = ""):
 
 
 def _check_size(group: h5py.Group, name: str, path: str) -> None:
-    """Refuse a dataset larger than the file itself (damaged metadata), before reading it."""
+    """Refuse a missing dataset, or one that declares more than the file holds, before reading it."""
     if name not in group:
         raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: dataset missing (incomplete file)")
     ds = group[name]
     if not isinstance(ds, h5py.Dataset):
         raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: not a dataset")
-    nbytes = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize if ds.shape is not None else 0
-    limit = os.path.getsize(path) if path and os.path.isfile(path) else None
-    if limit is not None and nbytes > limit:
-        raise CheckpointError(f"{path}:{ds.name}: claims {nbytes} bytes, more than the whole file (corrupted)")
+    check_declared_size(ds, f"{path}:{ds.name}", path)
 
 
 # --------------------------------------------------------------------------- trees
@@ -311,6 +309,109 @@ class Checkpoint:
     zohpc_version: str = ""
 
 
+@dataclasses.dataclass
+class Expect:
+    """What a checkpoint of this model must hold, from the model and the config: the names,
+    shapes and dtypes of the trained parameters and the buffers, the maskable weights, the
+    steps per epoch and the size of the RNG state. With it, :func:`load_checkpoint` refuses a
+    file that does not fit before reading its arrays, and validates every restored field."""
+
+    params: dict  # name -> (shape tuple, torch.dtype)
+    buffers: dict  # name -> (shape tuple, torch.dtype)
+    masks: dict  # maskable weight name -> shape tuple
+    steps_per_epoch: int
+    rng_bytes: int
+
+    @classmethod
+    def of(cls, model, steps_per_epoch: int) -> "Expect":
+        from .masks import maskable_shapes
+
+        return cls(params={n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.requires_grad},
+                   buffers={n: (tuple(b.shape), b.dtype) for n, b in model.named_buffers()},
+                   masks=maskable_shapes(model), steps_per_epoch=int(steps_per_epoch),
+                   rng_bytes=int(torch.get_rng_state().numel()))
+
+
+def _fail(path: str, field: str, problem: str):
+    raise CheckpointError(f"{path}: field {field}: {problem}")
+
+
+def _precheck_tensors(doc, wanted: dict, group: str, path: str, subset: bool = False) -> None:
+    """Compare a tensor dict's declared names, shapes and dtypes with ``wanted`` (name ->
+    (shape, dtype) or shape for bool masks) before any of its arrays is read."""
+    root = doc.get("root") if isinstance(doc, dict) else None
+    if not isinstance(root, dict) or root.get("t") != "dict" or not isinstance(root.get("items"), list):
+        _fail(path, group, "expected a dict of named tensors")
+    seen = set()
+    for item in root["items"]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], dict) and isinstance(item[1], dict)):
+            _fail(path, group, "malformed entry")
+        key, node = item
+        name = key.get("v") if key.get("t") == "str" else None
+        if not isinstance(name, str):
+            _fail(path, group, "a key is not a name")
+        if name not in wanted:
+            _fail(path, f"{group}.{name}", "not in this model (the checkpoint is for another model)")
+        want = wanted[name]
+        shape, dtype = (want, torch.bool) if not (isinstance(want, tuple) and len(want) == 2
+                                                   and isinstance(want[1], torch.dtype)) else want
+        if node.get("t") != "tensor" or node.get("shape") != list(shape) \
+                or node.get("dtype") != _torch_dtype_name(dtype):
+            _fail(path, f"{group}.{name}", f"declares {node.get('dtype')} {node.get('shape')}, the model needs "
+                  f"{_torch_dtype_name(dtype)} {list(shape)}")
+        seen.add(name)
+    if not subset and seen != set(wanted):
+        missing = sorted(set(wanted) - seen)
+        _fail(path, group, f"missing {', '.join(missing[:4])} (the checkpoint is for another model)")
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+
+def validate(state: "Checkpoint", expect: Expect) -> None:
+    """Every field the Trainer restores, checked against ``expect``: one CheckpointError line
+    naming the file and the field (nothing is restored from a file that fails)."""
+    path, extra = state.path, state.extra
+    spe = expect.steps_per_epoch
+    if not _is_int(state.step) or state.step < 0:
+        _fail(path, "step", f"{state.step!r} is not a step (a non-negative integer)")
+    if not _is_int(state.epoch) or state.epoch < 0:
+        _fail(path, "epoch", f"{state.epoch!r} is not an epoch (a non-negative integer)")
+    bie = extra.get("batch_in_epoch", 0)
+    if not _is_int(bie) or not 0 <= bie <= spe:
+        _fail(path, "extra.batch_in_epoch", f"{bie!r} is not in 0..{spe}")
+    if state.step != state.epoch * spe + bie:
+        _fail(path, "step", f"{state.step} does not match epoch {state.epoch} x {spe} steps + {bie} "
+              f"(another data size or batch size, or a crafted file)")
+    if set(state.rng) != {"torch"}:
+        _fail(path, "rng", f"holds {sorted(map(str, state.rng))}, expected ['torch']")
+    rng = state.rng["torch"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or tuple(rng.shape) != (expect.rng_bytes,):
+        _fail(path, "rng.torch", f"expected a uint8 tensor of {expect.rng_bytes} bytes")
+    try:
+        torch.Generator().set_state(rng)
+    except (RuntimeError, ValueError) as exc:
+        _fail(path, "rng.torch", f"not a valid generator state ({str(exc).splitlines()[0]})")
+    costs = extra.get("costs", [])
+    if not isinstance(costs, list) or not all(_is_number(c) and c >= 0 for c in costs):
+        _fail(path, "extra.costs", "expected a list of non-negative numbers")
+    ratios = extra.get("mask_ratios")
+    if ratios is not None and (not isinstance(ratios, dict) or not all(
+            isinstance(k, str) and k in expect.masks and _is_number(v) and 0 <= v <= 1 for k, v in ratios.items())):
+        _fail(path, "extra.mask_ratios", "expected maskable weights of the model mapped to ratios in [0, 1]")
+    for key, kind in (("mask_source", str), ("run_id", str), ("frozen_sha256", str), ("mask_fixed", bool)):
+        if key in extra and type(extra[key]) is not kind:
+            _fail(path, f"extra.{key}", f"expected a {kind.__name__}, found {type(extra[key]).__name__}")
+    lrs = state.scheduler.get("base_lrs")
+    if not isinstance(lrs, list) or not all(_is_number(v) for v in lrs):
+        _fail(path, "scheduler.base_lrs", "expected a list of numbers")
+
+
 def _check_tensor_dict(name: str, d) -> None:
     if not isinstance(d, dict):
         raise TypeError(f"save_checkpoint: {name} must be a dict of tensors, got {type(d).__name__}")
@@ -353,6 +454,36 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
     return path
 
 
+# --------------------------------------------------------------------------- the Trainer's state
+def to_file(state: dict) -> dict:
+    """The Trainer's state, composed of its components' state dicts (position, model, masks,
+    optimizer, scheduler, rng, estimator, metrics, run), mapped onto the groups of the file
+    (the keyword arguments of :func:`save_checkpoint`; the layout of format version 1)."""
+    pos, model, masks = state["position"], state["model"], state["masks"]
+    return dict(step=pos["step"], epoch=pos["epoch"], config_toml=state["config_toml"],
+                params=model["params"], buffers=model["buffers"], masks=masks["masks"],
+                optimizer=state["optimizer"], scheduler=state["scheduler"], rng=state["rng"],
+                metrics=state["metrics"],
+                extra={"batch_in_epoch": pos["batch_in_epoch"], "costs": list(state["estimator"].get("costs") or []),
+                       "mask_ratios": masks["ratios"], "mask_source": masks["source"], "mask_fixed": masks["fixed"],
+                       "run_id": state["run"]["run_id"], "frozen_sha256": model["frozen_sha256"]})
+
+
+def from_file(ck: Checkpoint) -> dict:
+    """The inverse of :func:`to_file`: a loaded (and validated) checkpoint as the Trainer's
+    composed state. Fields that older checkpoints lack get the values those runs had."""
+    extra = ck.extra
+    return {"position": {"step": ck.step, "epoch": ck.epoch, "batch_in_epoch": int(extra.get("batch_in_epoch", 0))},
+            "config_toml": ck.config_toml,
+            "model": {"params": ck.params, "buffers": ck.buffers,
+                      "frozen_sha256": str(extra.get("frozen_sha256", ""))},
+            "masks": {"masks": ck.masks, "ratios": extra.get("mask_ratios"),
+                      "source": extra.get("mask_source", "checkpoint"), "fixed": extra.get("mask_fixed", True)},
+            "optimizer": ck.optimizer, "scheduler": ck.scheduler, "rng": ck.rng,
+            "estimator": {"costs": list(extra.get("costs") or [])}, "metrics": ck.metrics,
+            "run": {"run_id": str(extra.get("run_id", ""))}, "path": ck.path}
+
+
 def _attr_matches(fh, key: str, expected) -> bool:
     if key not in fh.attrs:
         return False
@@ -364,7 +495,7 @@ def _attr_matches(fh, key: str, expected) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and int(value) == expected
 
 
-def _load(path: str) -> Checkpoint:
+def _load(path: str, expect: Expect | None = None) -> Checkpoint:
     fh = open_verified(path, FORMAT_NAME, FORMAT_VERSION)
     with fh:
         version = int(fh.attrs["format_version"])
@@ -378,6 +509,10 @@ def _load(path: str) -> Checkpoint:
         for key in ("step", "epoch", "config", "zohpc_version"):
             if not _attr_matches(fh, key, meta[key]):
                 raise CheckpointError(f"{path}: root attribute '{key}' disagrees with the checksummed metadata (corrupted file)")
+        if expect is not None:  # names, shapes and dtypes against the model before any array is read
+            for name, wanted, subset in (("params", expect.params, False), ("buffers", expect.buffers, False),
+                                         ("masks", expect.masks, True)):
+                _precheck_tensors(read_json(fh[name], TREE_DATASET, path), wanted, name, path, subset)
         trees = {name: read_tree(fh[name], path) for name in _TREE_GROUPS}
         metrics = read_json(fh["metrics"], "records", path)
     if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
@@ -389,15 +524,22 @@ def _load(path: str) -> Checkpoint:
     for name in ("optimizer", "scheduler", "rng", "extra"):
         if not isinstance(trees[name], dict):
             raise CheckpointError(f"{path}:/{name}: expected a dict")
-    return Checkpoint(step=meta["step"], epoch=meta["epoch"], config_toml=meta["config"], metrics=metrics,
-                      path=path, format_version=version, zohpc_version=meta["zohpc_version"], **trees)
+    state = Checkpoint(step=meta["step"], epoch=meta["epoch"], config_toml=meta["config"], metrics=metrics,
+                       path=path, format_version=version, zohpc_version=meta["zohpc_version"], **trees)
+    if expect is not None:
+        validate(state, expect)
+    return state
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Load and fully verify a checkpoint; any problem is one CheckpointError line naming ``path``."""
+def load_checkpoint(path: str, expect: Expect | None = None) -> Checkpoint:
+    """Load and fully verify a checkpoint; any problem is one CheckpointError line naming ``path``.
+
+    Links of any kind and datasets that declare more than the file holds are refused before
+    they are followed or read. With ``expect`` (:class:`Expect`), the arrays must also fit the
+    model (checked before reading them) and every restored field is validated."""
     path = os.fspath(path)
     try:
-        return _load(path)
+        return _load(path, expect)
     except CheckpointError:
         raise
     except MemoryError:
@@ -510,7 +652,7 @@ def resolve_resume(spec: str | None, run_dir: str, warn: Callable[[str], None] |
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "write_tree", "read_tree", "write_json", "read_json",
+    "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "Expect", "validate", "to_file", "from_file", "write_tree", "read_tree", "write_json", "read_json",
     "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoint_dir", "checkpoint_path",
     "checkpoint_step", "checkpoint_run_id", "list_checkpoints", "find_resumable", "prune_checkpoints", "resolve_resume",
 ]
