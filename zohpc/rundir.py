@@ -9,7 +9,7 @@ starts into one directory at the same moment (two new runs, two ``--resume auto`
 both hold it: the second exits 2 in one line. The kernel drops the lock with the process,
 so a claim never outlives a ``kill -9`` and needs no clean-up.
 
-Layout: ``lock`` (the claim; holds the pid of its holder), ``run.json`` (run id, created),
+Layout: ``lock`` (the claim; empty), ``run.json`` (run id, created),
 ``config.toml`` (the resolved config of the latest segment), ``metrics.jsonl``
 (append-only), ``logs/rank-R.log``, ``checkpoints/`` (files named
 ``ckpt-<step>-<run id>.h5``; only the run's own are ever pruned).
@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 
@@ -39,18 +38,19 @@ RUN_MARKERS = ("run.json", "metrics.jsonl", "config.toml")
 class Claim:
     """This process's exclusive hold on a run directory (see the module docstring)."""
 
-    def __init__(self, out: str, fd: int, created: bool):
-        self.out, self.fd, self.created = out, fd, created
+    def __init__(self, out: str, fd: int, created: bool, created_lock: bool):
+        self.out, self.fd, self.created, self.created_lock = out, fd, created, created_lock
 
     def release(self, discard: bool = False) -> None:
-        """Drop the lock. ``discard``: the start was refused before writing anything, so a
-        directory this claim created is removed again (nothing else was put in it)."""
+        """Drop the lock. ``discard``: the start was refused before writing anything, so the
+        lock file and the directory this claim created are removed again."""
         if self.fd is None:
             return
-        if discard and self.created:
+        if discard and self.created_lock:
             try:
                 os.remove(os.path.join(self.out, LOCK_FILE))
-                os.rmdir(self.out)
+                if self.created:
+                    os.rmdir(self.out)
             except OSError:
                 pass
         os.close(self.fd)
@@ -58,16 +58,17 @@ class Claim:
 
 
 def claim_directory(out: str) -> Claim:
-    """Create ``out`` if needed and take its exclusive claim, proving on the way that the
-    directory takes writes now (a read-only mount, a path through a regular file, a full
-    disk: one FileSystemError line). Another live holder: one UserError line."""
+    """Create ``out`` if needed and take its exclusive claim (a read-only mount, a path
+    through a regular file: one FileSystemError line; another live holder: one UserError
+    line). The lock file stays empty: a refused or finished start changes no byte."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"run directory {out} exists and is not a directory")
     created = not os.path.isdir(out)
     make_dirs(out, "create run directory")
     lock = os.path.join(out, LOCK_FILE)
+    created_lock = not os.path.lexists(lock)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if created:
             try:
@@ -75,33 +76,16 @@ def claim_directory(out: str) -> Claim:
             except OSError:
                 pass
         raise FileSystemError("claim run directory", out, exc) from None
-    claim = Claim(out, fd, created)
+    claim = Claim(out, fd, created, created_lock)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = _read_holder(fd)
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UserError(f"run directory {out} is in use by another run ({holder or 'a live process'} holds "
+            raise UserError(f"run directory {out} is in use by another run (a live process holds the lock on "
                             f"{lock}); wait for it to end, or pass another --out") from None
         raise FileSystemError("claim run directory", out, exc) from None
-    try:
-        text = f"{os.getpid()} {socket.gethostname()}\n".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text, 0)
-        os.fsync(fd)
-    except OSError as exc:
-        claim.release(discard=True)
-        raise FileSystemError("write to run directory", out, exc) from None
     return claim
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        pid, _, host = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
-    except OSError:
-        return ""
-    return f"process {pid} on {host}" if pid.isdigit() else ""
 
 
 def holds_run(path: str) -> list[str]:
@@ -115,7 +99,8 @@ def holds_run(path: str) -> list[str]:
 def stepped(path: str) -> bool:
     """Whether the run in ``path`` ever completed a step (a checkpoint, or a step record). A
     run that failed before its first step (a refused mask file, a bad data path) is not
-    one yet: a new start, or ``--resume auto``, takes its directory over."""
+    one yet: a new start, or ``--resume auto``, takes its directory (one with zohpc's own
+    ``run.json``) over."""
     if ckpt.list_checkpoints(path):
         return True
     try:
@@ -162,7 +147,7 @@ def plan_start(cfg: Config, resume: str | None, warn) -> Plan:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"run directory {out} exists and is not a directory")
     used = holds_run(out) if os.path.isdir(out) else []
-    if used and resume in (None, "", "auto") and not stepped(out):
+    if used and resume in (None, "", "auto") and read_run_id(out) and not stepped(out):
         return Plan(run_id=secrets.token_hex(6), checkpoint=None, changed=[], takeover=True)
     if not resume:
         if used:

@@ -114,10 +114,37 @@ def _open_directory(comm, cfg, resume, warn, claims) -> Plan:
         if claim is not None:
             claim.release(discard=True)
         raise
-    comm.agree(lambda: prepare_directory(cfg, plan) if comm.is_driver else None)
+    def prepare():
+        if claim is not None:
+            try:
+                prepare_directory(cfg, plan)
+            except UserError:
+                if plan.checkpoint is None and not plan.takeover and not plan.restart:
+                    _discard_new_run(run_dir)  # a new run that could not write its files leaves nothing
+                raise
+
+    try:
+        comm.agree(prepare)
+    except UserError:
+        if claim is not None:
+            claim.release(discard=True)
+        raise
     comm.barrier()
     setup_logging(run_dir, comm)
     return plan
+
+
+def _discard_new_run(run_dir: str) -> None:
+    """Remove what a new run's failed preparation put in its directory (a full disk)."""
+    import shutil
+
+    for name in ("run.json", "config.toml", "metrics.jsonl"):
+        try:
+            os.remove(os.path.join(run_dir, name))
+        except OSError:
+            pass
+    for name in ("logs", "checkpoints"):
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
