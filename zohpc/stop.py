@@ -96,6 +96,8 @@ class StopRequest:
         self._announced = False
         self._last_poll = 0.0
         self.phase = ""  # set by the run: "masks", "cost model", "step", ... (for the test hook)
+        self.sub = ""  # a part of the phase with its own hook count: "eval<epoch>" during an evaluation
+        self._sub_checks = 0
         self._inject = _injection(comm.rank)
         self._checks = 0
 
@@ -124,9 +126,12 @@ class StopRequest:
     def check(self) -> None:
         """Raise StepAbandoned if a stop was requested here or elsewhere (cheap: a flag test,
         and a non-blocking probe for other ranks' notices at most every ``poll_seconds``)."""
-        if self._inject is not None and self._inject[0] == self.phase:
-            self._checks += 1
-            if self._checks == self._inject[1]:
+        if self._inject is not None and self._inject[0] in (self.phase, self.sub):
+            if self._inject[0] == self.sub:
+                self._sub_checks += 1
+            else:
+                self._checks += 1
+            if (self._sub_checks if self._inject[0] == self.sub else self._checks) == self._inject[1]:
                 sys.stderr.write(f"zohpc: test hook: SIGTERM to rank {self.comm.rank} in {self.phase} "
                                  f"at {time.time():.3f}\n")
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -156,7 +161,8 @@ class StopRequest:
 def _injection(rank: int):
     """Test hook ``ZOHPC_TEST_SIGNAL=PHASE:N[:RANK]``: this process sends itself SIGTERM at
     the N-th stop check of PHASE (on rank RANK only, or on every rank), so tests can stop a
-    run at an exact place (during pruning, the cost model, or inside a step)."""
+    run at an exact place (during pruning, the cost model, inside a step, or in the
+    evaluation after epoch E: ``evalE``)."""
     spec = os.environ.get("ZOHPC_TEST_SIGNAL")
     if not spec:
         return None

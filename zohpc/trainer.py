@@ -311,7 +311,13 @@ class Trainer:
             finally:
                 self.model.train()
 
-        settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
+        if self.stop is not None:
+            self.stop.sub = f"eval{self.epoch}"
+        try:
+            settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
+        finally:
+            if self.stop is not None:
+                self.stop.sub = ""
         last = comm.size - 1  # the split puts larger blocks last: the last rank always has a batch
         keys = comm.bcast_strings(sorted(rows[0][2]) if comm.rank == last else None, root=last)
         sums = torch.zeros(2 + len(keys), dtype=torch.float64)
