@@ -438,7 +438,7 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
         raise TypeError(f"save_checkpoint: metrics must be JSON-serialisable records ({exc})") from None
     path = os.fspath(path)
     try:
-        with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION) as fh:
+        with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION, in_memory=True) as fh:
             fh.attrs["zohpc_version"] = meta["zohpc_version"]
             fh.attrs["step"] = meta["step"]
             fh.attrs["epoch"] = meta["epoch"]

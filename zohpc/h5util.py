@@ -198,21 +198,38 @@ def check_structure(fh: h5py.File, path: str) -> None:
 
 
 @contextmanager
-def atomic_h5(path: str, format_name: str, format_version: int):
+def atomic_h5(path: str, format_name: str, format_version: int, in_memory: bool = False):
     """Yield an open HDF5 file that appears at ``path`` only once fully written.
 
     A failure while writing (a full disk, an unwritable directory) removes the temporary
     and raises a one-line FileSystemError naming ``path``; the previous file is untouched.
+    ``in_memory`` (checkpoints, mask files): HDF5 builds the file in memory and plain
+    writes put it on disk, so a full disk is an ordinary OSError and never reaches the
+    HDF5 library (which reports it as assorted errors, also from object destructors, and
+    can crash at exit).
     """
     directory = os.path.dirname(os.path.abspath(path))
     make_dirs(directory)
     with atomic_path(path, "write") as tmp:
+        if in_memory:
+            fh = h5py.File(f"{tmp}.core", "w", driver="core", backing_store=False)
+            try:
+                _begin(fh, format_name, format_version)
+                yield fh
+                fh.attrs["complete"] = True
+                fh.flush()
+                image = fh.id.get_file_image()
+            finally:
+                fh.close()
+            digest = hashlib.sha256(image).hexdigest()
+            with open(tmp, "wb") as out:
+                out.write(image)
+                out.write(TRAILER_PREFIX + digest.encode("ascii") + b"\n")
+            return
         fh = None
         try:
             fh = h5py.File(tmp, "w")
-            fh.attrs["format"] = format_name
-            fh.attrs["format_version"] = int(format_version)
-            fh.attrs["complete"] = False
+            _begin(fh, format_name, format_version)
             yield fh
             fh.attrs["complete"] = True
             fh.flush()
@@ -234,6 +251,12 @@ def atomic_h5(path: str, format_name: str, format_version: int):
                     fh.close()
                 except Exception:  # noqa: BLE001 - the file is being discarded
                     pass
+
+
+def _begin(fh, format_name: str, format_version: int) -> None:
+    fh.attrs["format"] = format_name
+    fh.attrs["format_version"] = int(format_version)
+    fh.attrs["complete"] = False
 
 
 def _storage_failure(directory: str) -> OSError | None:

@@ -214,7 +214,7 @@ def write_mask_file(path: str, *, model_name: str, masks: dict[str, torch.Tensor
         numel = max(1, masks[name].numel())
         if name not in ratios or abs(float(ratios[name]) - actual[name]) > 0.5 / numel:
             raise ValueError(f"ratio of layer {name} does not match its mask")
-    with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION) as fh:
+    with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION, in_memory=True) as fh:
         fh.attrs["model_name"] = str(model_name)
         fh.attrs["method"] = str(method)
         fh.attrs["seed"] = int(seed)
