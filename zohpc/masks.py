@@ -265,6 +265,10 @@ def _read(path: str, want: dict | None = None) -> MaskFile:
         if stored != set(names):
             raise CheckpointError(f"{path}: masks group does not match layer_names (corrupted file)")
         masks, ratios, shapes = {}, {}, {}
+        for name in want or {}:
+            if name not in stored:
+                raise CheckpointError(f"{path}: no mask for parameter '{name}' of the model (file is for model "
+                                      f"'{model_name}')")
         for name in names:
             if want is not None:  # against the model before reading anything
                 if name not in want:
@@ -272,9 +276,10 @@ def _read(path: str, want: dict | None = None) -> MaskFile:
                 ds = group[name]
                 if not isinstance(ds, h5py.Dataset) or tuple(ds.shape or ()) != tuple(want[name]) \
                         or ds.dtype != np.uint8:
-                    found = f"{ds.dtype} {_fmt_shape(ds.shape or ())}" if isinstance(ds, h5py.Dataset) else "a group"
-                    raise CheckpointError(f"{path}: mask '{name}' declares {found}, the model's parameter needs "
-                                          f"a boolean {_fmt_shape(want[name])}")
+                    found = f"shape {_fmt_shape(ds.shape or ())} ({ds.dtype})" if isinstance(ds, h5py.Dataset) \
+                        else "no data (a group)"
+                    raise CheckpointError(f"{path}: mask '{name}' has {found}, the model's parameter has shape "
+                                          f"{_fmt_shape(want[name])} (a boolean mask is stored as uint8)")
             data = read_array(group, name, path)
             ds = group[name]
             if data.dtype != np.bool_:
