@@ -4,7 +4,7 @@
 Both are loaded on first use: importing zohpc starts neither torch nor MPI.
 """
 
-from .version import __version__  # noqa: F401 - the package version, also zohpc.__version__
+from ._version import __version__  # noqa: F401
 
 
 def __getattr__(name):

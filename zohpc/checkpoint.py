@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import re
-import struct
 import sys
 from typing import Callable
 
@@ -36,8 +35,11 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
+from .h5tree import (  # noqa: F401 - the tree format is part of this module's interface
+    TREE_DATASET, _torch_dtype_name, read_json, read_tree, write_json, write_tree,
+)
 from .h5util import (  # noqa: F401 - trailer names re-exported for users of this module
     TRAILER_PREFIX, TRAILER_SIZE, append_trailer, atomic_h5, open_verified, read_array, verify_trailer, write_array,
 )
@@ -45,249 +47,8 @@ from .h5util import (  # noqa: F401 - trailer names re-exported for users of thi
 FORMAT_NAME = "zohpc-checkpoint"
 FORMAT_VERSION = 1
 
-TREE_DATASET = "__tree__"
 _TREE_GROUPS = ("params", "buffers", "masks", "optimizer", "scheduler", "rng", "extra")
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})(?:-([0-9a-f]{12}))?\.h5$")
-
-
-# --------------------------------------------------------------------------- JSON text
-def write_json(group: h5py.Group, name: str, obj) -> None:
-    """Store ``obj`` as checksummed JSON text (a fixed-length byte string dataset).
-
-    ``json.loads(group[name][()])`` reads it back with plain h5py; nothing is evaluated.
-    """
-    text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
-    write_array(group, name, np.bytes_(text.encode("ascii")))
-
-
-def read_json(group: h5py.Group, name: str, path: str = ""):
-    _check_size(group, name, path)
-    raw = read_array(group, name, path)
-    if raw.dtype.kind != "S" or raw.ndim != 0:
-        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: expected JSON text, found {raw.dtype} {raw.shape}")
-    return json.loads(raw[()].decode("ascii"))
-
-
-def _check_size(group: h5py.Group, name: str, path: str) -> None:
-    """Refuse a dataset larger than the file itself (damaged metadata), before reading it."""
-    if name not in group:
-        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: dataset missing (incomplete file)")
-    ds = group[name]
-    if not isinstance(ds, h5py.Dataset):
-        raise CheckpointError(f"{path}:{group.name.rstrip('/')}/{name}: not a dataset")
-    nbytes = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize if ds.shape is not None else 0
-    limit = os.path.getsize(path) if path and os.path.isfile(path) else None
-    if limit is not None and nbytes > limit:
-        raise CheckpointError(f"{path}:{ds.name}: claims {nbytes} bytes, more than the whole file (corrupted)")
-
-
-# --------------------------------------------------------------------------- trees
-def _float_bits(x: float) -> str:
-    return struct.pack("<d", x).hex()
-
-
-def _bits_float(s: str) -> float:
-    return struct.unpack("<d", bytes.fromhex(s))[0]
-
-
-def _torch_dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
-    return dtype
-
-
-# torch dtypes with no numpy twin are stored as raw integers of the same width
-_RAW_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
-    if t.layout != torch.strided:
-        raise TypeError(f"cannot store a {t.layout} tensor; convert it to dense first")
-    t = t.detach().to("cpu").contiguous()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    try:
-        return t.numpy(), False
-    except TypeError:  # bfloat16, float8 ...: keep the bits
-        return t.view(_RAW_VIEW[t.element_size()]).numpy(), True
-
-
-class _Writer:
-    def __init__(self, group: h5py.Group):
-        self.group = group
-        self.used = {TREE_DATASET}
-
-    def _name(self, where: str) -> str:
-        base = (where or "value").replace("/", "%2F")
-        if base.startswith("."):
-            base = "_" + base
-        name, n = base, 1
-        while name in self.used:
-            n += 1
-            name = f"{base}#{n}"
-        self.used.add(name)
-        return name
-
-    def encode(self, obj, where: str):
-        if obj is None:
-            return {"t": "none"}
-        if isinstance(obj, bool):
-            return {"t": "bool", "v": obj}
-        if isinstance(obj, int) and type(obj) is int:
-            return {"t": "int", "v": obj}
-        if type(obj) is float:
-            return {"t": "float", "bits": _float_bits(obj)}
-        if type(obj) is str:
-            return {"t": "str", "v": obj}
-        if type(obj) is bytes:
-            return {"t": "bytes", "hex": obj.hex()}
-        if isinstance(obj, torch.Tensor):
-            array, raw = _tensor_to_numpy(obj)
-            name = self._name(where)
-            write_array(self.group, name, array)
-            return {"t": "tensor", "dtype": _torch_dtype_name(obj.dtype), "shape": list(obj.shape),
-                    "raw": raw, "ds": name}
-        if isinstance(obj, np.generic):
-            if obj.dtype.kind == "O":
-                raise TypeError(f"cannot store numpy object scalar at {where!r}")
-            return {"t": "npscalar", "dtype": obj.dtype.str, "hex": obj.tobytes().hex()}
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.kind in "OVUMm" or obj.dtype.fields is not None:
-                raise TypeError(f"cannot store numpy array of dtype {obj.dtype} at {where!r}")
-            name = self._name(where)
-            write_array(self.group, name, np.ascontiguousarray(obj))
-            return {"t": "ndarray", "dtype": obj.dtype.str, "shape": list(obj.shape), "ds": name}
-        if isinstance(obj, dict):  # OrderedDict comes back as a plain dict (same order)
-            items = []
-            for key, value in obj.items():
-                key_node = self._key(key, where)
-                sub = f"{where}.{key}" if where else str(key)
-                items.append([key_node, self.encode(value, sub)])
-            return {"t": "dict", "items": items}
-        if type(obj) is list:
-            return {"t": "list", "items": [self.encode(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]}
-        if type(obj) is tuple or isinstance(obj, torch.Size):
-            return {"t": "tuple", "items": [self.encode(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]}
-        raise TypeError(f"cannot store {type(obj).__name__} at {where or 'the root'!r} in a checkpoint "
-                        "(supported: dict, list, tuple, tensor, ndarray, int, float, bool, None, str, bytes)")
-
-    def _key(self, key, where: str):
-        if isinstance(key, (str, int, float, bytes)) or key is None or isinstance(key, tuple):
-            node = self.encode(key, "")
-            if node["t"] in ("tensor", "ndarray"):  # pragma: no cover - excluded above
-                raise TypeError("tensor dict keys are not supported")
-            return node
-        raise TypeError(f"cannot store dict key {key!r} ({type(key).__name__}) at {where or 'the root'!r}")
-
-
-def write_tree(group: h5py.Group, obj) -> None:
-    """Store a nested dict/list/tuple of tensors, arrays and Python scalars in ``group``.
-
-    Key types, container types, scalar values (floats bit-exact) and tensor dtypes/shapes
-    are kept exactly; tensors come back on the CPU.
-    """
-    writer = _Writer(group)
-    structure = writer.encode(obj, "")
-    write_json(group, TREE_DATASET, {"tree": 1, "root": structure})
-
-
-class _Reader:
-    def __init__(self, group: h5py.Group, path: str):
-        self.group = group
-        self.path = path
-
-    def _fail(self, msg: str):
-        raise CheckpointError(f"{self.path}:{self.group.name}: {msg}")
-
-    def _dataset(self, node, np_dtype: np.dtype, shape: tuple) -> np.ndarray:
-        name = node["ds"]
-        if not isinstance(name, str) or name not in self.group:
-            self._fail(f"dataset {name!r} missing (incomplete file)")
-        ds = self.group[name]
-        if not isinstance(ds, h5py.Dataset):
-            self._fail(f"{name!r} is not a dataset")
-        stored_dtype = np.dtype(np.uint8) if np_dtype == np.bool_ else np_dtype
-        if tuple(ds.shape or ()) != shape or ds.dtype != stored_dtype:
-            self._fail(f"dataset {name!r} has shape {ds.shape} dtype {ds.dtype}, expected {shape} {np_dtype} (corrupted)")
-        data = read_array(self.group, name, self.path)
-        if data.dtype != np_dtype or data.shape != shape:
-            self._fail(f"dataset {name!r} read back as {data.dtype} {data.shape}, expected {np_dtype} {shape} (corrupted)")
-        return data
-
-    def decode(self, node):
-        if not isinstance(node, dict):
-            self._fail("malformed structure")
-        t = node["t"]
-        if t == "none":
-            return None
-        if t == "bool":
-            return _exact(node["v"], bool)
-        if t == "int":
-            return _exact(node["v"], int)
-        if t == "float":
-            return _bits_float(_exact(node["bits"], str))
-        if t == "str":
-            return _exact(node["v"], str)
-        if t == "bytes":
-            return bytes.fromhex(_exact(node["hex"], str))
-        if t == "tensor":
-            dtype = _torch_dtype(node["dtype"])
-            shape = tuple(_exact(d, int) for d in node["shape"])
-            if node["raw"]:
-                raw_dtype = _RAW_VIEW[torch.empty(0, dtype=dtype).element_size()]
-                data = self._dataset(node, torch.empty(0, dtype=raw_dtype).numpy().dtype, shape)
-                return torch.from_numpy(data.copy()).view(dtype)
-            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-            return torch.from_numpy(self._dataset(node, np_dtype, shape).copy())
-        if t == "ndarray":
-            shape = tuple(_exact(d, int) for d in node["shape"])
-            return self._dataset(node, np.dtype(node["dtype"]), shape).copy()
-        if t == "npscalar":
-            dtype = np.dtype(node["dtype"])
-            raw = bytes.fromhex(node["hex"])
-            if len(raw) != dtype.itemsize:
-                self._fail("malformed numpy scalar")
-            return np.frombuffer(raw, dtype=dtype)[0]
-        if t == "dict":
-            out = {}
-            for key_node, value_node in node["items"]:
-                key = self.decode(key_node)
-                if key in out:
-                    self._fail(f"duplicate key {key!r}")
-                out[key] = self.decode(value_node)
-            return out
-        if t == "list":
-            return [self.decode(v) for v in node["items"]]
-        if t == "tuple":
-            return tuple(self.decode(v) for v in node["items"])
-        self._fail(f"unknown node type {t!r}")
-
-
-def _exact(value, tp):
-    if type(value) is not tp:
-        raise ValueError(f"expected {tp.__name__}, got {type(value).__name__}")
-    return value
-
-
-def read_tree(group: h5py.Group, path: str = ""):
-    """Read a tree written by :func:`write_tree`, verifying every checksum, dtype and shape."""
-    where = f"{path}:{group.name}"
-    doc = read_json(group, TREE_DATASET, path)
-    if not isinstance(doc, dict) or doc.get("tree") != 1 or "root" not in doc:
-        raise CheckpointError(f"{where}: malformed tree structure")
-    try:
-        return _Reader(group, path).decode(doc["root"])
-    except CheckpointError:
-        raise
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError, struct.error) as exc:
-        raise CheckpointError(f"{where}: malformed tree structure ({type(exc).__name__}: {exc})") from None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -309,6 +70,109 @@ class Checkpoint:
     path: str = ""
     format_version: int = FORMAT_VERSION
     zohpc_version: str = ""
+
+
+@dataclasses.dataclass
+class Expect:
+    """What a checkpoint of this model must hold, from the model and the config: the names,
+    shapes and dtypes of the trained parameters and the buffers, the maskable weights, the
+    steps per epoch and the size of the RNG state. With it, :func:`load_checkpoint` refuses a
+    file that does not fit before reading its arrays, and validates every restored field."""
+
+    params: dict  # name -> (shape tuple, torch.dtype)
+    buffers: dict  # name -> (shape tuple, torch.dtype)
+    masks: dict  # maskable weight name -> shape tuple
+    steps_per_epoch: int
+    rng_bytes: int
+
+    @classmethod
+    def of(cls, model, steps_per_epoch: int) -> "Expect":
+        from .masks import maskable_shapes
+
+        return cls(params={n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.requires_grad},
+                   buffers={n: (tuple(b.shape), b.dtype) for n, b in model.named_buffers()},
+                   masks=maskable_shapes(model), steps_per_epoch=int(steps_per_epoch),
+                   rng_bytes=int(torch.get_rng_state().numel()))
+
+
+def _fail(path: str, field: str, problem: str):
+    raise CheckpointError(f"{path}: field {field}: {problem}")
+
+
+def _precheck_tensors(doc, wanted: dict, group: str, path: str, subset: bool = False) -> None:
+    """Compare a tensor dict's declared names, shapes and dtypes with ``wanted`` (name ->
+    (shape, dtype) or shape for bool masks) before any of its arrays is read."""
+    root = doc.get("root") if isinstance(doc, dict) else None
+    if not isinstance(root, dict) or root.get("t") != "dict" or not isinstance(root.get("items"), list):
+        _fail(path, group, "expected a dict of named tensors")
+    seen = set()
+    for item in root["items"]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], dict) and isinstance(item[1], dict)):
+            _fail(path, group, "malformed entry")
+        key, node = item
+        name = key.get("v") if key.get("t") == "str" else None
+        if not isinstance(name, str):
+            _fail(path, group, "a key is not a name")
+        if name not in wanted:
+            _fail(path, f"{group}.{name}", "not in this model (the checkpoint is for another model)")
+        want = wanted[name]
+        shape, dtype = (want, torch.bool) if not (isinstance(want, tuple) and len(want) == 2
+                                                   and isinstance(want[1], torch.dtype)) else want
+        if node.get("t") != "tensor" or node.get("shape") != list(shape) \
+                or node.get("dtype") != _torch_dtype_name(dtype):
+            _fail(path, f"{group}.{name}", f"declares {node.get('dtype')} {node.get('shape')}, the model needs "
+                  f"{_torch_dtype_name(dtype)} {list(shape)}")
+        seen.add(name)
+    if not subset and seen != set(wanted):
+        missing = sorted(set(wanted) - seen)
+        _fail(path, group, f"missing {', '.join(missing[:4])} (the checkpoint is for another model)")
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+
+def validate(state: "Checkpoint", expect: Expect) -> None:
+    """Every field the Trainer restores, checked against ``expect``: one CheckpointError line
+    naming the file and the field (nothing is restored from a file that fails)."""
+    path, extra = state.path, state.extra
+    spe = expect.steps_per_epoch
+    if not _is_int(state.step) or state.step < 0:
+        _fail(path, "step", f"{state.step!r} is not a step (a non-negative integer)")
+    if not _is_int(state.epoch) or state.epoch < 0:
+        _fail(path, "epoch", f"{state.epoch!r} is not an epoch (a non-negative integer)")
+    bie = extra.get("batch_in_epoch", 0)
+    if not _is_int(bie) or not 0 <= bie <= spe:
+        _fail(path, "extra.batch_in_epoch", f"{bie!r} is not in 0..{spe}")
+    if state.step != state.epoch * spe + bie:
+        _fail(path, "step", f"{state.step} does not match epoch {state.epoch} x {spe} steps + {bie} "
+              f"(another data size or batch size, or a crafted file)")
+    if set(state.rng) != {"torch"}:
+        _fail(path, "rng", f"holds {sorted(map(str, state.rng))}, expected ['torch']")
+    rng = state.rng["torch"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or tuple(rng.shape) != (expect.rng_bytes,):
+        _fail(path, "rng.torch", f"expected a uint8 tensor of {expect.rng_bytes} bytes")
+    try:
+        torch.Generator().set_state(rng)
+    except (RuntimeError, ValueError) as exc:
+        _fail(path, "rng.torch", f"not a valid generator state ({str(exc).splitlines()[0]})")
+    costs = extra.get("costs", [])
+    if not isinstance(costs, list) or not all(_is_number(c) and c >= 0 for c in costs):
+        _fail(path, "extra.costs", "expected a list of non-negative numbers")
+    ratios = extra.get("mask_ratios")
+    if ratios is not None and (not isinstance(ratios, dict) or not all(
+            isinstance(k, str) and k in expect.masks and _is_number(v) and 0 <= v <= 1 for k, v in ratios.items())):
+        _fail(path, "extra.mask_ratios", "expected maskable weights of the model mapped to ratios in [0, 1]")
+    for key, kind in (("mask_source", str), ("run_id", str), ("frozen_sha256", str), ("mask_fixed", bool)):
+        if key in extra and type(extra[key]) is not kind:
+            _fail(path, f"extra.{key}", f"expected a {kind.__name__}, found {type(extra[key]).__name__}")
+    lrs = state.scheduler.get("base_lrs")
+    if not isinstance(lrs, list) or not all(_is_number(v) for v in lrs):
+        _fail(path, "scheduler.base_lrs", "expected a list of numbers")
 
 
 def _check_tensor_dict(name: str, d) -> None:
@@ -337,7 +201,7 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
         raise TypeError(f"save_checkpoint: metrics must be JSON-serialisable records ({exc})") from None
     path = os.fspath(path)
     try:
-        with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION) as fh:
+        with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION, in_memory=True) as fh:
             fh.attrs["zohpc_version"] = meta["zohpc_version"]
             fh.attrs["step"] = meta["step"]
             fh.attrs["epoch"] = meta["epoch"]
@@ -353,6 +217,36 @@ def save_checkpoint(path: str, *, step: int, epoch: int, config_toml: str, param
     return path
 
 
+# --------------------------------------------------------------------------- the Trainer's state
+def to_file(state: dict) -> dict:
+    """The Trainer's state, composed of its components' state dicts (position, model, masks,
+    optimizer, scheduler, rng, estimator, metrics, run), mapped onto the groups of the file
+    (the keyword arguments of :func:`save_checkpoint`; the layout of format version 1)."""
+    pos, model, masks = state["position"], state["model"], state["masks"]
+    return dict(step=pos["step"], epoch=pos["epoch"], config_toml=state["config_toml"],
+                params=model["params"], buffers=model["buffers"], masks=masks["masks"],
+                optimizer=state["optimizer"], scheduler=state["scheduler"], rng=state["rng"],
+                metrics=state["metrics"],
+                extra={"batch_in_epoch": pos["batch_in_epoch"], "costs": list(state["estimator"].get("costs") or []),
+                       "mask_ratios": masks["ratios"], "mask_source": masks["source"], "mask_fixed": masks["fixed"],
+                       "run_id": state["run"]["run_id"], "frozen_sha256": model["frozen_sha256"]})
+
+
+def from_file(ck: Checkpoint) -> dict:
+    """The inverse of :func:`to_file`: a loaded (and validated) checkpoint as the Trainer's
+    composed state. Fields that older checkpoints lack get the values those runs had."""
+    extra = ck.extra
+    return {"position": {"step": ck.step, "epoch": ck.epoch, "batch_in_epoch": int(extra.get("batch_in_epoch", 0))},
+            "config_toml": ck.config_toml,
+            "model": {"params": ck.params, "buffers": ck.buffers,
+                      "frozen_sha256": str(extra.get("frozen_sha256", ""))},
+            "masks": {"masks": ck.masks, "ratios": extra.get("mask_ratios"),
+                      "source": extra.get("mask_source", "checkpoint"), "fixed": extra.get("mask_fixed", True)},
+            "optimizer": ck.optimizer, "scheduler": ck.scheduler, "rng": ck.rng,
+            "estimator": {"costs": list(extra.get("costs") or [])}, "metrics": ck.metrics,
+            "run": {"run_id": str(extra.get("run_id", ""))}, "path": ck.path}
+
+
 def _attr_matches(fh, key: str, expected) -> bool:
     if key not in fh.attrs:
         return False
@@ -364,7 +258,7 @@ def _attr_matches(fh, key: str, expected) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and int(value) == expected
 
 
-def _load(path: str) -> Checkpoint:
+def _load(path: str, expect: Expect | None = None) -> Checkpoint:
     fh = open_verified(path, FORMAT_NAME, FORMAT_VERSION)
     with fh:
         version = int(fh.attrs["format_version"])
@@ -378,6 +272,10 @@ def _load(path: str) -> Checkpoint:
         for key in ("step", "epoch", "config", "zohpc_version"):
             if not _attr_matches(fh, key, meta[key]):
                 raise CheckpointError(f"{path}: root attribute '{key}' disagrees with the checksummed metadata (corrupted file)")
+        if expect is not None:  # names, shapes and dtypes against the model before any array is read
+            for name, wanted, subset in (("params", expect.params, False), ("buffers", expect.buffers, False),
+                                         ("masks", expect.masks, True)):
+                _precheck_tensors(read_json(fh[name], TREE_DATASET, path), wanted, name, path, subset)
         trees = {name: read_tree(fh[name], path) for name in _TREE_GROUPS}
         metrics = read_json(fh["metrics"], "records", path)
     if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
@@ -389,15 +287,22 @@ def _load(path: str) -> Checkpoint:
     for name in ("optimizer", "scheduler", "rng", "extra"):
         if not isinstance(trees[name], dict):
             raise CheckpointError(f"{path}:/{name}: expected a dict")
-    return Checkpoint(step=meta["step"], epoch=meta["epoch"], config_toml=meta["config"], metrics=metrics,
-                      path=path, format_version=version, zohpc_version=meta["zohpc_version"], **trees)
+    state = Checkpoint(step=meta["step"], epoch=meta["epoch"], config_toml=meta["config"], metrics=metrics,
+                       path=path, format_version=version, zohpc_version=meta["zohpc_version"], **trees)
+    if expect is not None:
+        validate(state, expect)
+    return state
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Load and fully verify a checkpoint; any problem is one CheckpointError line naming ``path``."""
+def load_checkpoint(path: str, expect: Expect | None = None) -> Checkpoint:
+    """Load and fully verify a checkpoint; any problem is one CheckpointError line naming ``path``.
+
+    Links of any kind and datasets that declare more than the file holds are refused before
+    they are followed or read. With ``expect`` (:class:`Expect`), the arrays must also fit the
+    model (checked before reading them) and every restored field is validated."""
     path = os.fspath(path)
     try:
-        return _load(path)
+        return _load(path, expect)
     except CheckpointError:
         raise
     except MemoryError:
@@ -510,7 +415,7 @@ def resolve_resume(spec: str | None, run_dir: str, warn: Callable[[str], None] |
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "write_tree", "read_tree", "write_json", "read_json",
+    "FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "Expect", "validate", "to_file", "from_file", "write_tree", "read_tree", "write_json", "read_json",
     "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoint_dir", "checkpoint_path",
     "checkpoint_step", "checkpoint_run_id", "list_checkpoints", "find_resumable", "prune_checkpoints", "resolve_resume",
 ]

@@ -11,6 +11,7 @@ Nothing is ever unpickled or evaluated.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import h5py
 import numpy as np
 
 from .errors import CheckpointError
+from .fsio import atomic_path, fsync_dir, make_dirs  # noqa: F401 - fsync_dir re-exported
 
 
 TRAILER_PREFIX = b"\nzohpc-sha256:"
@@ -117,6 +119,9 @@ def read_array(group: h5py.Group, name: str, path: str = "") -> np.ndarray:
     if name not in group:
         raise CheckpointError(f"{where}: dataset missing (incomplete file)")
     ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{where}: not a dataset")
+    check_declared_size(ds, where, path)
     try:
         data = ds[()]
     except OSError as exc:  # fletcher32 or low-level read failure
@@ -130,39 +135,141 @@ def read_array(group: h5py.Group, name: str, path: str = "") -> np.ndarray:
     return data
 
 
-def fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def declared_bytes(ds: h5py.Dataset) -> int:
+    """Bytes a full read of ``ds`` allocates, from its declared shape and dtype (reads nothing)."""
+    shape = ds.shape if ds.shape is not None else ()
+    return int(np.prod(shape, dtype=np.float64)) * ds.dtype.itemsize
+
+
+def check_declared_size(ds: h5py.Dataset, where: str, path: str = "") -> None:
+    """Refuse, before reading, a dataset that declares more bytes than the file holds or than
+    it stores (an unwritten dataset reads back as fill values: a memory bomb in a tiny file)."""
+    nbytes = declared_bytes(ds)
+    limit = os.path.getsize(path) if path and os.path.isfile(path) else None
+    if limit is not None and nbytes > limit:
+        raise CheckpointError(f"{where}: declares {nbytes} bytes, more than the whole file ({limit}; corrupted "
+                              f"or crafted)")
+    if nbytes and ds.dtype.kind != "O" and ds.id.get_storage_size() < nbytes:
+        raise CheckpointError(f"{where}: declares {nbytes} bytes but stores {ds.id.get_storage_size()} "
+                              f"(corrupted or crafted)")
+
+
+MAX_OBJECTS = 1_000_000
+
+
+def check_structure(fh: h5py.File, path: str) -> None:
+    """Refuse anything that would make HDF5 read outside the verified file, before any link is
+    followed: soft, external and user-defined links, an object reachable by two hard links,
+    datasets with external raw storage or a virtual layout. One CheckpointError line naming
+    the file and the object."""
+    from h5py import h5d, h5l, h5o
+
+    count = 0
+
+    def walk(gid, where: str) -> None:
+        nonlocal count
+        names: list[bytes] = []
+        gid.links.iterate(names.append)  # link names only: nothing is followed
+        count += len(names)
+        if count > MAX_OBJECTS:
+            raise CheckpointError(f"{path}: more than {MAX_OBJECTS} HDF5 objects (crafted file)")
+        for raw in names:
+            full = f"{where.rstrip('/')}/{raw.decode('utf-8', 'replace')}"
+            kind = gid.links.get_info(raw).type
+            if kind != h5l.TYPE_HARD:
+                what = {h5l.TYPE_SOFT: "a soft link", h5l.TYPE_EXTERNAL: "an external link"}.get(kind, "a link")
+                raise CheckpointError(f"{path}:{full}: is {what}; links are refused (crafted file)")
+            oid = h5o.open(gid, raw)
+            info = h5o.get_info(oid)
+            if info.rc != 1:
+                raise CheckpointError(f"{path}:{full}: object has {info.rc} hard links; links are refused "
+                                      f"(crafted file)")
+            if info.type == h5o.TYPE_GROUP:
+                walk(oid, full)
+            elif info.type == h5o.TYPE_DATASET:
+                dcpl = oid.get_create_plist()
+                if dcpl.get_layout() == h5d.VIRTUAL or dcpl.get_external_count() > 0:
+                    raise CheckpointError(f"{path}:{full}: data stored outside the file (virtual or external "
+                                          f"dataset); refused (crafted file)")
+            else:
+                raise CheckpointError(f"{path}:{full}: unexpected HDF5 object (crafted file)")
+
+    walk(fh.id, "/")
 
 
 @contextmanager
-def atomic_h5(path: str, format_name: str, format_version: int):
-    """Yield an open HDF5 file that appears at ``path`` only once fully written."""
+def atomic_h5(path: str, format_name: str, format_version: int, in_memory: bool = False):
+    """Yield an open HDF5 file that appears at ``path`` only once fully written.
+
+    A failure while writing (a full disk, an unwritable directory) removes the temporary
+    and raises a one-line FileSystemError naming ``path``; the previous file is untouched.
+    ``in_memory`` (checkpoints, mask files): HDF5 builds the file in memory and plain
+    writes put it on disk, so a full disk is an ordinary OSError and never reaches the
+    HDF5 library (which reports it as assorted errors, also from object destructors, and
+    can crash at exit).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fh.attrs["format"] = format_name
-            fh.attrs["format_version"] = int(format_version)
-            fh.attrs["complete"] = False
+    make_dirs(directory)
+    with atomic_path(path, "write") as tmp:
+        if in_memory:
+            fh = h5py.File(f"{tmp}.core", "w", driver="core", backing_store=False)
+            try:
+                _begin(fh, format_name, format_version)
+                yield fh
+                fh.attrs["complete"] = True
+                fh.flush()
+                image = fh.id.get_file_image()
+            finally:
+                fh.close()
+            digest = hashlib.sha256(image).hexdigest()
+            with open(tmp, "wb") as out:
+                out.write(image)
+                out.write(TRAILER_PREFIX + digest.encode("ascii") + b"\n")
+            return
+        fh = None
+        try:
+            fh = h5py.File(tmp, "w")
+            _begin(fh, format_name, format_version)
             yield fh
             fh.attrs["complete"] = True
             fh.flush()
-        append_trailer(tmp)  # whole-file SHA-256, fsynced, before the file gets its real name
-        os.replace(tmp, path)
-        fsync_dir(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            fh.close()
+            fh = None
+            append_trailer(tmp)  # whole-file SHA-256, fsynced, before the file gets its real name
+        except OSError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # HDF5 reports a failed write (ENOSPC, EIO) as assorted errors; the file system
+            # says which it was
+            failure = _storage_failure(directory)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            if fh is not None:
+                try:
+                    fh.close()
+                except Exception:  # noqa: BLE001 - the file is being discarded
+                    pass
+
+
+def _begin(fh, format_name: str, format_version: int) -> None:
+    fh.attrs["format"] = format_name
+    fh.attrs["format_version"] = int(format_version)
+    fh.attrs["complete"] = False
+
+
+def _storage_failure(directory: str) -> OSError | None:
+    """An OSError describing why writing in ``directory`` fails now (full, read-only), or None."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        return exc
+    if st.f_bavail == 0 or (st.f_favail == 0 and st.f_files > 0):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if st.f_flag & os.ST_RDONLY:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS))
+    return None
 
 
 def _attr_str(value) -> str:
@@ -177,6 +284,7 @@ def open_verified(path: str, format_name: str, max_version: int) -> h5py.File:
     except OSError:
         raise CheckpointError(f"{path}: not an HDF5 file, or truncated") from None
     try:
+        check_structure(fh, path)  # before anything in the file is followed or read
         found = _attr_str(fh.attrs.get("format", ""))
         if found != format_name:
             raise CheckpointError(f"{path}: not a {format_name} file (format attribute is {found or 'missing'!r})")

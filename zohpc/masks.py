@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 from .seeding import generator
 
@@ -132,6 +132,54 @@ def layerwise_random_masks(model_or_shapes, ratios: dict[str, float], seed: int,
     return masks
 
 
+# ---------------------------------------------------------------------------- the schedule of a run
+class MaskSchedule:
+    """Which coordinates are active in each epoch: dense, fixed, or layer-wise random.
+
+    DeepZero's protocol draws a fresh random mask with fixed per-layer ratios every
+    ``interval`` epochs; a draw is a pure function of (seed, draw), so a resumed run and
+    every rank see the same masks. ``fixed``: one mask for the whole run (interval 0).
+    """
+
+    def __init__(self, shapes: dict, seed: int, interval: int, ratios=None, fixed=None, source="dense"):
+        self.shapes, self.seed, self.interval = shapes, seed, interval
+        self.ratios = None if ratios is None else {k: float(v) for k, v in ratios.items()}
+        self.fixed = fixed if interval == 0 else None
+        self.source = source
+
+    def draw(self, epoch: int) -> int:
+        return mask_draw(epoch, self.interval) if self.ratios is not None else 0
+
+    def masks(self, epoch: int):
+        if self.ratios is None:
+            return None
+        if self.fixed is not None:
+            return self.fixed
+        return layerwise_random_masks({n: self.shapes[n] for n in self.ratios}, self.ratios, self.seed,
+                                      self.draw(epoch))
+
+    def state_dict(self, epoch: int) -> dict:
+        """What a checkpoint keeps: the masks in effect at ``epoch`` (a fixed mask is the whole
+        schedule; a random one is re-drawn from its ratios), the ratios, the source."""
+        masks = self.masks(epoch) or {}
+        return {"masks": {n: m.cpu() for n, m in masks.items()}, "ratios": self.ratios, "source": self.source,
+                "fixed": self.fixed is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict` (``ratios`` None in checkpoints that predate them:
+        the ratios are those of the stored masks). Dense stays dense."""
+        ratios = state.get("ratios")
+        masks = state.get("masks") or {}
+        if ratios is None and masks:
+            ratios = layer_ratios(masks)
+        if ratios is None:
+            return
+        fixed = {n: m.to(torch.bool) for n, m in masks.items()} if state.get("fixed", True) else None
+        self.ratios = {k: float(v) for k, v in ratios.items()}
+        self.fixed = fixed if self.interval == 0 else None
+        self.source = f"{state.get('source') or 'checkpoint'} (from the checkpoint)"
+
+
 # ---------------------------------------------------------------------------- files
 @dataclass
 class MaskFile:
@@ -166,7 +214,7 @@ def write_mask_file(path: str, *, model_name: str, masks: dict[str, torch.Tensor
         numel = max(1, masks[name].numel())
         if name not in ratios or abs(float(ratios[name]) - actual[name]) > 0.5 / numel:
             raise ValueError(f"ratio of layer {name} does not match its mask")
-    with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION) as fh:
+    with atomic_h5(path, FORMAT_NAME, FORMAT_VERSION, in_memory=True) as fh:
         fh.attrs["model_name"] = str(model_name)
         fh.attrs["method"] = str(method)
         fh.attrs["seed"] = int(seed)
@@ -193,7 +241,9 @@ def _str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _read(path: str) -> MaskFile:
+def _read(path: str, want: dict | None = None) -> MaskFile:
+    import h5py
+
     from .h5util import attr_str, open_verified, read_array
 
     fh = open_verified(path, FORMAT_NAME, FORMAT_VERSION)
@@ -215,7 +265,21 @@ def _read(path: str) -> MaskFile:
         if stored != set(names):
             raise CheckpointError(f"{path}: masks group does not match layer_names (corrupted file)")
         masks, ratios, shapes = {}, {}, {}
+        for name in want or {}:
+            if name not in stored:
+                raise CheckpointError(f"{path}: no mask for parameter '{name}' of the model (file is for model "
+                                      f"'{model_name}')")
         for name in names:
+            if want is not None:  # against the model before reading anything
+                if name not in want:
+                    raise CheckpointError(f"{path}: mask for '{name}', which is not a conv/linear weight of the model")
+                ds = group[name]
+                if not isinstance(ds, h5py.Dataset) or tuple(ds.shape or ()) != tuple(want[name]) \
+                        or ds.dtype != np.uint8:
+                    found = f"shape {_fmt_shape(ds.shape or ())} ({ds.dtype})" if isinstance(ds, h5py.Dataset) \
+                        else "no data (a group)"
+                    raise CheckpointError(f"{path}: mask '{name}' has {found}, the model's parameter has shape "
+                                          f"{_fmt_shape(want[name])} (a boolean mask is stored as uint8)")
             data = read_array(group, name, path)
             ds = group[name]
             if data.dtype != np.bool_:
@@ -266,7 +330,7 @@ def read_mask_file(path: str, model: nn.Module | None = None, model_name: str | 
     """
     path = os.fspath(path)
     try:
-        mf = _read(path)
+        mf = _read(path, maskable_shapes(model) if model is not None else None)
     except CheckpointError:
         raise
     except Exception as exc:  # h5py/OSError/KeyError/ValueError on damaged content
@@ -277,7 +341,7 @@ def read_mask_file(path: str, model: nn.Module | None = None, model_name: str | 
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "MaskFile", "check_mask_file", "global_sparsity", "layer_ratios",
+    "FORMAT_NAME", "FORMAT_VERSION", "MaskFile", "MaskSchedule", "check_mask_file", "global_sparsity", "layer_ratios",
     "layerwise_random_masks", "mask_draw", "maskable_names", "maskable_shapes",
     "masks_from_scores", "read_mask_file", "write_mask_file",
 ]

@@ -2,7 +2,8 @@
 
 The trainer writes them, checkpoints keep them (the history so far), ``zohpc.analyze``
 reads them back with :func:`parse_record`. Keys are only ever added. The file is appended
-to, never truncated: a resumed run continues it after a ``resume`` record, and where a step
+to, one whole line per write, and never truncated except for a cut last line (a crash in
+the middle of a write), which the next append removes so every line stays a record: a resumed run continues it after a ``resume`` record, and where a step
 appears twice (a crash after the last checkpoint) the later record is the one that counts.
 """
 
@@ -13,6 +14,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+
+from .fsio import FileSystemError, append_line
 
 
 @dataclass
@@ -150,17 +153,27 @@ class MetricsLog:
         self.path = path
         self.history = list(history or [])
         self.sinks = list(sinks or [])
+        self.error = None  # the first failed append (a full disk): raised at the next agreed point
 
     def write(self, record) -> dict:
+        """Keep ``record`` and append it as one line (one write; a cut last line left by a
+        crash is removed first). A failed append stops the file's writes and is kept for
+        :meth:`raise_error`, so the driver alone never leaves the other ranks waiting."""
         obj = to_json(record)
         self.history.append(obj)
-        if self.path is not None:
+        if self.path is not None and self.error is None:
             line = json.dumps({k: _finite(v) for k, v in obj.items()}) + "\n"
-            with open(self.path, "a") as fh:
-                fh.write(line)
+            try:
+                append_line(self.path, line)
+            except FileSystemError as exc:
+                self.error = exc
         for sink in self.sinks:
             sink.write(record)
         return obj
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         for sink in self.sinks:

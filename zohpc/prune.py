@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -67,6 +68,22 @@ DIRECTION_TAG = "zo-grasp-direction"  # zohpc.seeding stream of ZO-GraSP's direc
 
 
 # ---------------------------------------------------------------------------- data
+@dataclass
+class PruningData:
+    """What pruning at initialization scores on: the training inputs and targets, and the
+    number of classes (0 when the targets are not class labels)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def of_task(cls, task) -> "PruningData":
+        x, y = task.train
+        classes = int(y.max()) + 1 if (not y.is_floating_point() and y.dim() == 1 and y.numel()) else 0
+        return cls(x, y, classes)
+
+
 def select_prune_batch(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
                        samples_per_class: int, seed: int):
     """``samples_per_class`` examples of each class, drawn from ``seed``

@@ -12,6 +12,12 @@ match across ranks: nobody leaves a step early.
 
 Both Slurm (signal to every task) and MPICH's mpiexec (it forwards SIGTERM, SIGINT and
 SIGUSR1 to every rank) deliver the signal to all ranks.
+
+The signals are caught by a :class:`SignalLatch`. ``python -m zohpc.train`` installs the
+process's latch before its heavy imports (torch, MPI), so a signal in the first second of a
+process is a stop too, and keeps it until the process ends: the first signal is the one
+that counts, and a second one (or one during the exit) changes nothing, so every stop
+exits 75.
 """
 
 from __future__ import annotations
@@ -34,27 +40,20 @@ def no_check() -> None:
     """The check used where no stop handling is installed (tests, library use)."""
 
 
-class StopRequest:
-    """This rank's view of a stop: its own signal, or another rank's notice."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, comm, poll_seconds: float = 0.05):
-        self.comm = comm
-        self.poll_seconds = poll_seconds
+class SignalLatch:
+    """Catches the stop signals and keeps the first one; later ones change nothing."""
+
+    def __init__(self):
         self.signum = None
-        self.notified = False
-        self._announced = False
-        self._last_poll = 0.0
         self._saved: dict = {}
-        self.phase = ""  # set by the run: "masks", "cost model", "step", ... (for the test hook)
-        self._inject = _injection(comm.rank)
-        self._checks = 0
 
-    # ---- installation (the run does this visibly, and undoes it) -------------------
-    def install(self) -> "StopRequest":
-        for sig in self.SIGNALS:
-            self._saved[sig] = signal.signal(sig, self._on_signal)
+    def install(self) -> "SignalLatch":
+        if not self._saved:
+            for sig in STOP_SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def uninstall(self) -> None:
@@ -63,7 +62,58 @@ class StopRequest:
         self._saved = {}
 
     def _on_signal(self, signum, frame) -> None:
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+
+
+_PROCESS_LATCH: SignalLatch | None = None
+
+
+def install_process_latch() -> SignalLatch:
+    """The entry point's latch, installed once for the life of the process (see the module
+    docstring); idempotent."""
+    global _PROCESS_LATCH
+    if _PROCESS_LATCH is None:
+        _PROCESS_LATCH = SignalLatch().install()
+    return _PROCESS_LATCH
+
+
+class StopRequest:
+    """This rank's view of a stop: its own signal, or another rank's notice.
+
+    It reads the process's latch when the entry point installed one; otherwise (``zohpc.run``
+    from a script) it installs its own for the run, and keeps it after a stop, so that a
+    second signal during the exit cannot change the exit status."""
+
+    SIGNALS = STOP_SIGNALS
+
+    def __init__(self, comm, poll_seconds: float = 0.05):
+        self.comm = comm
+        self.poll_seconds = poll_seconds
+        self._own = _PROCESS_LATCH is None
+        self.latch = SignalLatch() if self._own else _PROCESS_LATCH
+        self.notified = False
+        self._announced = False
+        self._last_poll = 0.0
+        self.phase = ""  # set by the run: "masks", "cost model", "step", ... (for the test hook)
+        self.sub = ""  # a part of the phase with its own hook count: "eval<epoch>" during an evaluation
+        self._sub_checks = 0
+        self._inject = _injection(comm.rank)
+        self._checks = 0
+
+    # ---- installation (the run does this visibly, and undoes it) -------------------
+    def install(self) -> "StopRequest":
+        if self._own:
+            self.latch.install()
+        return self
+
+    def uninstall(self) -> None:
+        if self._own and self.signum is None:
+            self.latch.uninstall()
+
+    @property
+    def signum(self):
+        return self.latch.signum
 
     # ---- queries ------------------------------------------------------------------
     @property
@@ -76,9 +126,12 @@ class StopRequest:
     def check(self) -> None:
         """Raise StepAbandoned if a stop was requested here or elsewhere (cheap: a flag test,
         and a non-blocking probe for other ranks' notices at most every ``poll_seconds``)."""
-        if self._inject is not None and self._inject[0] == self.phase:
-            self._checks += 1
-            if self._checks == self._inject[1]:
+        if self._inject is not None and self._inject[0] in (self.phase, self.sub):
+            if self._inject[0] == self.sub:
+                self._sub_checks += 1
+            else:
+                self._checks += 1
+            if (self._sub_checks if self._inject[0] == self.sub else self._checks) == self._inject[1]:
                 sys.stderr.write(f"zohpc: test hook: SIGTERM to rank {self.comm.rank} in {self.phase} "
                                  f"at {time.time():.3f}\n")
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -108,7 +161,8 @@ class StopRequest:
 def _injection(rank: int):
     """Test hook ``ZOHPC_TEST_SIGNAL=PHASE:N[:RANK]``: this process sends itself SIGTERM at
     the N-th stop check of PHASE (on rank RANK only, or on every rank), so tests can stop a
-    run at an exact place (during pruning, the cost model, or inside a step)."""
+    run at an exact place (during pruning, the cost model, inside a step, or in the
+    evaluation after epoch E: ``evalE``)."""
     spec = os.environ.get("ZOHPC_TEST_SIGNAL")
     if not spec:
         return None

@@ -2,32 +2,41 @@
 
     mpirun -n 8 python -m zohpc.train [--config F] [--set section.key=value ...] [--out DIR] [--resume auto|PATH]
 
-A run's life (DESIGN.md): checks that need no heavy work (config, run directory, resume
-against the stored config), then start-up phases announced with their durations (runtime,
-task, masks, cost model), a ``ready`` record, the epochs, and a ``done`` record. A stop
-signal at any point checkpoints the last completed step and exits 75 on every rank.
-Without mpirun the same command runs on one rank. The Python API ``zohpc.run`` calls
-:func:`train` too.
+A run's life (DESIGN.md): checks that need no heavy work (config, the claim of the run
+directory, resume against the stored config, the directory's files), then start-up phases
+announced with their durations (runtime, task, masks, cost model), a ``ready`` record, the
+epochs, and a ``done`` record. A stop signal at any point (from the first import on)
+checkpoints the last completed step and exits 75 on every rank. Without mpirun the same
+command runs on one rank. The Python API ``zohpc.run`` calls :func:`train` too.
+
+This module keeps the CLI, the run-directory plan, the runtime and the phase announcements;
+the :class:`~zohpc.trainer.Trainer` owns the run itself.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import time
+from .stop import install_process_latch
 
-from . import metrics as rec
-from .comm import run_main
-from .config import DENSE_ESTIMATORS, Config, estimator_name, load_config
-from .errors import EXIT_PREEMPTED, UserError
-from .progress import Progress
-from .rundir import Plan, plan_start, prepare_directory
-from .runtime import setup_runtime
-from .steps.protocol import share_state
-from .stop import Preempted, StopRequest
-from .tasks.loading import build_task, check_task
-from .trainer import Trainer
+if __name__ == "__main__":
+    install_process_latch()  # before the heavy imports below: a signal during them is a stop (exit 75)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from . import metrics as rec  # noqa: E402
+from .comm import run_main  # noqa: E402
+from .config import DENSE_ESTIMATORS, Config, estimator_name, load_config  # noqa: E402
+from .errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from .progress import Progress  # noqa: E402
+from .prune import PruningData  # noqa: E402
+from .rundir import Plan, claim_directory, plan_start, prepare_directory  # noqa: E402
+from .runtime import setup_runtime  # noqa: E402
+from .steps.protocol import share_state  # noqa: E402
+from .stop import Preempted, StopRequest  # noqa: E402
+from .tasks.loading import build_task, check_task  # noqa: E402
+from .trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("zohpc.train")
 
@@ -75,49 +84,110 @@ def train(comm, cfg: Config, *, task=None, resume: str | None = None, save: bool
     t_process = process_start() if t_start is None else t_start
     progress = Progress(comm.is_driver, cfg.train.log_every_seconds, prog)
     stop = StopRequest(comm).install()
+    claims: list = []
     try:
-        return _train(comm, cfg, task, resume, save, progress, stop, t_process)
+        return _train(comm, cfg, task, resume, save, progress, stop, t_process, claims)
     finally:
+        for claim in claims:
+            claim.release()
         stop.uninstall()
         progress.close()
 
 
-def _train(comm, cfg, task, resume, save, progress, stop, t_process):
+def _stop_point(stop) -> None:
+    """Collective: a stop requested on any rank so far (from the first import on) ends the
+    start-up here."""
+    if stop.agreed():
+        raise Preempted()
+
+
+def _open_directory(comm, cfg, resume, warn, claims) -> Plan:
+    """Claim the run directory (driver), plan the start, and write the directory's files, all
+    before any heavy work; a refused start leaves a directory it created as it was (absent)."""
+    run_dir = cfg.run.out
+    claim = comm.agree(lambda: claim_directory(run_dir) if comm.is_driver else None)
+    if claim is not None:
+        claims.append(claim)
+    try:
+        plan = comm.agree(plan_start, cfg, resume, warn)
+    except UserError:
+        if claim is not None:
+            claim.release(discard=True)
+        raise
+    def prepare():
+        if claim is not None:
+            try:
+                prepare_directory(cfg, plan)
+            except UserError:
+                if plan.checkpoint is None and not plan.takeover and not plan.restart:
+                    _discard_new_run(run_dir)  # a new run that could not write its files leaves nothing
+                raise
+
+    try:
+        comm.agree(prepare)
+    except UserError:
+        if claim is not None:
+            claim.release(discard=True)
+        raise
+    comm.barrier()
+    setup_logging(run_dir, comm)
+    return plan
+
+
+def _discard_new_run(run_dir: str) -> None:
+    """Remove what a new run's failed preparation put in its directory (a full disk)."""
+    import shutil
+
+    for name in ("run.json", "config.toml", "metrics.jsonl"):
+        try:
+            os.remove(os.path.join(run_dir, name))
+        except OSError:
+            pass
+    for name in ("logs", "checkpoints"):
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
     run_dir = cfg.run.out if save else None
 
     def warn(msg):
         if comm.is_driver:
             progress.say(f"{progress.prog}: warning: {msg}")
 
-    plan = comm.agree(plan_start, cfg, resume, warn) if save else Plan(run_id="", checkpoint=None, changed=[])
-    with progress.phase("runtime"):
-        runtime = setup_runtime(comm, cfg.train.device)
-    with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
-        task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
-        if cfg.lora.target:
-            from .lora import apply_lora
+    plan = _open_directory(comm, cfg, resume, warn, claims) if save else Plan(run_id="", checkpoint=None, changed=[])
+    metrics = rec.MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir and comm.is_driver else None)
+    if run_dir and cfg.logging.tensorboard and comm.is_driver:
+        from .sinks import TensorBoardSink
+        metrics.sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
+    trainer = None
+    try:
+        _stop_point(stop)
+        with progress.phase("runtime"):
+            runtime = setup_runtime(comm, cfg.train.device)
+        with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
+            task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
+            if cfg.lora.target:
+                from .lora import apply_lora
 
-            comm.agree(apply_lora, task.model, cfg.lora, cfg.train.seed)
-        trainer = comm.agree(Trainer, task, cfg, comm, runtime, stop=stop, progress=progress)
-        share_state(comm, trainer.model, frozen=True)  # identical replicas, whatever the factory did per rank
-    if plan.checkpoint is not None:
-        path, state = plan.checkpoint
-        comm.agree(trainer.load_state_dict, state)
-        share_state(comm, trainer.model, frozen=True)
-        if trainer.step >= trainer.total_steps:
-            progress.say(f"{progress.prog}: run {run_dir} is already complete (step {trainer.step} of "
-                         f"{trainer.total_steps}, epoch {trainer.epoch} of {cfg.train.epochs}); nothing to do")
-            return 0, trainer.summary()
-    trainer.run_id = plan.run_id
-    if run_dir:
-        if comm.is_driver:
-            prepare_directory(cfg, plan)
-        comm.barrier()
-        setup_logging(run_dir, comm)
-        trainer.metrics.path = os.path.join(run_dir, "metrics.jsonl") if comm.is_driver else None
-        if cfg.logging.tensorboard and comm.is_driver:
-            from .sinks import TensorBoardSink
-            trainer.metrics.sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
+                comm.agree(apply_lora, task.model, cfg.lora, cfg.train.seed)
+            trainer = comm.agree(Trainer, task, cfg, comm, runtime, run_id=plan.run_id, run_dir=run_dir,
+                                 metrics=metrics, stop=stop, progress=progress)
+            share_state(comm, trainer.model, frozen=True)  # identical replicas, whatever the factory did per rank
+        _stop_point(stop)
+        if plan.checkpoint is not None:
+            trainer.resume(plan.checkpoint[0])
+            share_state(comm, trainer.model, frozen=True)
+            if trainer.complete:
+                progress.say(f"{progress.prog}: run {run_dir} is already complete (step {trainer.step} of "
+                             f"{trainer.total_steps}, epoch {trainer.epoch} of {cfg.train.epochs}); nothing to do")
+                return 0, trainer.summary()
+        return _run(comm, cfg, task, plan, trainer, runtime, progress, stop, t_process)
+    except Preempted:
+        return _stopped(comm, trainer, metrics, progress, stop, t_process)
+
+
+def _run(comm, cfg, task, plan, trainer, runtime, progress, stop, t_process):
+    run_dir = trainer.run_dir
     log.info("rank %d/%d local %d/%d %s", comm.rank, comm.size, comm.local_rank, comm.local_size, runtime.describe())
     params = sum(p.numel() for p in trainer.model.parameters())
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -131,12 +201,11 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
                                         if task.name != "classify" else cfg.model.name, params=params,
                                         masks=_masks_what(cfg), estimator=estimator_name(cfg), task=task.name,
                                         time=time.time()))
-    last_saved = trainer.step if plan.checkpoint is not None else None
-    try:
+    with trainer.guarded():
         if plan.checkpoint is None:
             with progress.phase("masks", _masks_what(cfg)):
                 stop.enter("masks")
-                trainer.setup_masks(_pruning_data(task))
+                trainer.setup_masks(PruningData.of_task(task))
         with progress.phase("cost model"):
             stop.enter("cost model")
             trainer.setup_estimator()
@@ -153,36 +222,43 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process):
         trainer.metrics.write(ready)
         progress.say(f"{progress.prog}: ready after {ready.startup_seconds:.1f} s")
         stop.enter("step")
-        summary = trainer.fit(run_dir, t_process)
-    except Preempted:
-        path = None
-        if run_dir and trainer.step != last_saved and trainer.step > 0:
-            path = trainer.save(run_dir)
-        if comm.is_driver:
-            trainer.metrics.write(rec.Stopped(step=trainer.step, signal=stop.name, checkpoint=path,
-                                              time=time.time() - t_process))
-            where = f"checkpoint {path}" if path else ("the checkpoint it resumed from" if last_saved is not None
-                                                      else "no checkpoint (no step completed)")
-            progress.say(f"{progress.prog}: stop ({stop.name}) at step {trainer.step}: {where}; exit {EXIT_PREEMPTED}")
-        comm.drain_stop_notices()
-        comm.barrier()
-        return EXIT_PREEMPTED, None
-    except UserError:
-        if run_dir and trainer.step != last_saved and trainer.step > 0:
-            trainer.save(run_dir)  # the last good step is kept
-        raise
-    if run_dir:
-        trainer.save(run_dir)
+        summary = trainer.fit(t_process)
+        if run_dir:
+            trainer.save()
     wall = time.time() - t_process
     summary["seconds"] = wall
     trainer.metrics.write(rec.Done(step=trainer.step, epoch=trainer.epoch, best=summary["best"],
                                    final=summary["final"], queries=summary["queries"], wall_seconds=wall))
+    if run_dir:
+        comm.agree(trainer.metrics.raise_error)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
     progress.say(f"{progress.prog}: done: {trainer.step} steps{', final ' + shown if shown else ''}, "
                  f"{wall:.1f} s, {summary['queries']:,} queries" + (f"; run directory {run_dir}" if run_dir else ""))
     summary["history"] = trainer.metrics.history
-    comm.barrier()
+    if stop.agreed():  # a stop after the last check: the run is complete, and the stop still exits 75
+        comm.drain_stop_notices()
+        comm.barrier()
+        return EXIT_PREEMPTED, summary
     return 0, summary
+
+
+def _stopped(comm, trainer, metrics, progress, stop, t_process):
+    """Every rank agreed to stop: the Trainer has checkpointed what it could; say so, exit 75."""
+    path = trainer.stop_checkpoint if trainer is not None else None
+    if comm.is_driver:
+        metrics.write(rec.Stopped(step=trainer.step if trainer else 0, signal=stop.name, checkpoint=path,
+                                  time=time.time() - t_process))
+        if trainer is not None and trainer.stop_error:
+            progress.say(f"{progress.prog}: error: {trainer.stop_error} (stop {stop.name}; exit {EXIT_PREEMPTED})")
+        else:
+            step = trainer.step if trainer is not None else 0
+            saved = trainer.last_saved if trainer is not None else None
+            where = f"checkpoint {path}" if path else (f"its checkpoint of step {saved}" if saved is not None
+                                                      else "no checkpoint (no step completed)")
+            progress.say(f"{progress.prog}: stop ({stop.name}) at step {step}: {where}; exit {EXIT_PREEMPTED}")
+    comm.drain_stop_notices()
+    comm.barrier()
+    return EXIT_PREEMPTED, None
 
 
 def _masks_what(cfg: Config) -> str:
@@ -197,15 +273,6 @@ def _describe(task, cfg: Config) -> str:
     if task.name == "classify":
         return f"{cfg.model.name} on {cfg.data.name} ({task.train[0].shape[0]} train)"
     return f"{type(task.model).__name__} ({task.train[0].shape[0]} train)"
-
-
-def _pruning_data(task):
-    """What pruning at initialization scores on: the training data (class labels if any)."""
-    from types import SimpleNamespace
-
-    x, y = task.train
-    classes = int(y.max()) + 1 if (not y.is_floating_point() and y.dim() == 1 and y.numel()) else 0
-    return SimpleNamespace(train_x=x, train_y=y, num_classes=classes)
 
 
 def main(argv=None) -> None:

@@ -1,8 +1,10 @@
-"""The Trainer: the state of a run (model, optimizer, schedule, masks, position, metrics) and
-the loop over epochs. Its checkpoint contents are listed once, in :meth:`Trainer.state_dict`;
-:meth:`Trainer.load_state_dict` is the inverse. One step is :meth:`Trainer.train_step`, which
-calls the estimator's step (``zohpc.steps``); the training loop and ``bench scaling`` use
-the same step objects.
+"""The Trainer owns a run: its state (model, optimizer, schedule, masks, position, metrics),
+its identity (run id, run directory, metrics log, all given at construction), the loop over
+epochs, and its checkpoints, which it also writes itself when the run stops or fails
+(:meth:`Trainer.guarded`). :meth:`Trainer.state_dict` is composed of its components' state
+dicts, which ``checkpoint.to_file`` maps onto the file's groups; :meth:`Trainer.load_state_dict`
+is the inverse. One step is :meth:`Trainer.train_step`, which calls the estimator's step
+(``zohpc.steps``); the training loop and ``bench scaling`` use the same step objects.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -17,44 +20,18 @@ from . import checkpoint as ckpt
 from . import metrics as rec
 from .config import DENSE_ESTIMATORS, Config, estimator_name, to_toml
 from .data import epoch_batches
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, ConfigError, UserError
 from .inputs import model_input
-from .masks import layer_ratios, layerwise_random_masks, mask_draw, read_mask_file
+from .masks import MaskSchedule, read_mask_file
 from .steps import attempt, build_step, settle
 from .steps.protocol import standard
 from .sharding import contiguous_split
-from .stop import no_check
+from .stop import Preempted, no_check
 from .zo import Coordinates
 from .zo.engine import check_deterministic
 from .zo.objective import Objective
 
 log = logging.getLogger("zohpc.train")
-
-
-class MaskSchedule:
-    """Which coordinates are active in each epoch: dense, fixed, or layer-wise random.
-
-    DeepZero's protocol draws a fresh random mask with fixed per-layer ratios every
-    ``interval`` epochs; a draw is a pure function of (seed, draw), so a resumed run and
-    every rank see the same masks. ``fixed``: one mask for the whole run (interval 0).
-    """
-
-    def __init__(self, shapes: dict, seed: int, interval: int, ratios=None, fixed=None, source="dense"):
-        self.shapes, self.seed, self.interval = shapes, seed, interval
-        self.ratios = None if ratios is None else {k: float(v) for k, v in ratios.items()}
-        self.fixed = fixed if interval == 0 else None
-        self.source = source
-
-    def draw(self, epoch: int) -> int:
-        return mask_draw(epoch, self.interval) if self.ratios is not None else 0
-
-    def masks(self, epoch: int):
-        if self.ratios is None:
-            return None
-        if self.fixed is not None:
-            return self.fixed
-        return layerwise_random_masks({n: self.shapes[n] for n in self.ratios}, self.ratios, self.seed,
-                                      self.draw(epoch))
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int):
@@ -119,8 +96,11 @@ def _injected_failure():
 class Trainer:
     """Owns everything a checkpoint holds and runs the epochs (see the module docstring)."""
 
-    def __init__(self, task, cfg: Config, comm, runtime, *, stop=None, progress=None):
+    def __init__(self, task, cfg: Config, comm, runtime, *, run_id: str = "", run_dir: str | None = None,
+                 metrics: rec.MetricsLog | None = None, stop=None, progress=None):
         self.task, self.cfg, self.comm, self.stop, self.progress = task, cfg, comm, stop, progress
+        self.run_id, self.run_dir = run_id, run_dir
+        self.metrics = metrics if metrics is not None else rec.MetricsLog(None)
         self.device = runtime.device
         self.model = task.model.to(self.device)
         check_deterministic(self.model)
@@ -136,7 +116,9 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = lr_factor(cfg, self.steps_per_epoch)
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.metrics = rec.MetricsLog(None)
+        self.last_saved = None  # the step of the newest checkpoint of this segment (or the resumed one)
+        self.stop_checkpoint = None  # what the stop left: a checkpoint path, or None
+        self.stop_error = None  # a checkpoint that could not be written on a stop (one line)
         self.masks = MaskSchedule({n: p.shape for n, p in self.model.named_parameters()}, cfg.train.seed,
                                   cfg.prune.mask_interval)
         self.step_state: dict = {}  # the step object's state (CGE: its query costs), checkpointed
@@ -144,32 +126,50 @@ class Trainer:
         self.coords = None
         self.current_draw = None
         self.reuse_off_reason = None
-        self.run_id = ""
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        """Everything a checkpoint holds: the keyword arguments of ``checkpoint.save_checkpoint``.
+        """Everything a checkpoint holds, composed of the components' state dicts
+        (``checkpoint.to_file`` maps them onto the file's groups).
 
         Parameters: the trainable ones only. Frozen parameters (the base under LoRA adapters)
         never change; a resumed run re-makes them from the task (its factory, or the Hugging
         Face directory) and :meth:`load_state_dict` checks them against ``frozen_sha256``, so a
         checkpoint holds the adapters and resume stays exact."""
-        masks = self.masks.masks(self.epoch) or {}
-        return dict(
-            step=self.step, epoch=self.epoch, config_toml=to_toml(self.cfg),
-            params={n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-            buffers={n: b.detach().cpu() for n, b in self.model.named_buffers()},
-            masks={n: m.cpu() for n, m in masks.items()},
-            optimizer=self.optimizer.state_dict(),
-            scheduler={"base_lrs": list(self.base_lrs)},
-            rng={"torch": torch.get_rng_state()},
-            metrics=self.metrics.history,
-            extra={"batch_in_epoch": self.batch_in_epoch,
-                   "costs": list((self.estimator.state_dict() if self.estimator else self.step_state).get("costs")
-                                 or []),
-                   "mask_ratios": self.masks.ratios, "mask_source": self.masks.source,
-                   "mask_fixed": self.masks.fixed is not None, "run_id": self.run_id,
-                   "frozen_sha256": self.frozen_sha256()})
+        return {
+            "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "config_toml": to_toml(self.cfg),
+            "model": {"params": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+                      "buffers": {n: b.detach().cpu() for n, b in self.model.named_buffers()},
+                      "frozen_sha256": self.frozen_sha256()},
+            "masks": self.masks.state_dict(self.epoch),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"base_lrs": list(self.base_lrs)},
+            "rng": {"torch": torch.get_rng_state()},
+            "estimator": self.estimator.state_dict() if self.estimator else self.step_state,
+            "metrics": self.metrics.history,
+            "run": {"run_id": self.run_id},
+        }
+
+    def expect(self) -> ckpt.Expect:
+        """What a checkpoint of this run must hold (checked before its arrays are read)."""
+        return ckpt.Expect.of(self.model, self.steps_per_epoch)
+
+    def resume(self, path: str) -> None:
+        """Load ``path`` against this run's :meth:`expect` and restore it, on every rank (a file
+        that does not fit is one agreed line, exit 2)."""
+        state = self.comm.agree(ckpt.load_checkpoint, path, self.expect())
+        self.comm.agree(self.load_state_dict, ckpt.from_file(state))
+        self.last_saved = self.step
+
+    @property
+    def complete(self) -> bool:
+        """Nothing left: every step done and the last epoch's evaluation recorded."""
+        return self.step >= self.total_steps and not self._eval_pending()
+
+    def _eval_pending(self) -> bool:
+        """The last step of an epoch is done but its evaluation is not (a stop came in between)."""
+        return self.epoch < self.cfg.train.epochs and self.batch_in_epoch >= self.steps_per_epoch
 
     def frozen_sha256(self) -> str:
         """Fingerprint of the frozen parameters ("" when every parameter is trained); computed once."""
@@ -180,43 +180,36 @@ class Trainer:
         return self._frozen_sha256
 
     @torch.no_grad()
-    def load_state_dict(self, state: ckpt.Checkpoint) -> None:
-        """Restore a checkpoint (after checking that it fits this model); no pruning ever."""
-        stored = str(state.extra.get("frozen_sha256", ""))
-        if stored != self.frozen_sha256():
-            raise CheckpointError(f"{state.path}: the frozen parameters differ from the checkpoint's (a changed base "
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (``checkpoint.from_file`` of a validated file, after
+        checking that it fits this model); no pruning ever."""
+        path, model = state.get("path", "checkpoint"), state["model"]
+        if model["frozen_sha256"] != self.frozen_sha256():
+            raise CheckpointError(f"{path}: the frozen parameters differ from the checkpoint's (a changed base "
                                   f"model, or another lora setting): resume needs the base it was trained on")
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        for kind, ours, theirs in (("parameter", trainable, state.params),
-                                   ("buffer", dict(self.model.named_buffers()), state.buffers)):
+        for kind, ours, theirs in (("parameter", trainable, model["params"]),
+                                   ("buffer", dict(self.model.named_buffers()), model["buffers"])):
             if set(ours) != set(theirs):
                 diff = sorted(set(ours) ^ set(theirs))
-                raise CheckpointError(f"{state.path}: checkpoint is for another model ({kind}s differ: "
+                raise CheckpointError(f"{path}: checkpoint is for another model ({kind}s differ: "
                                       f"{', '.join(diff[:4])})")
             for name, tensor in ours.items():
                 if tuple(theirs[name].shape) != tuple(tensor.shape):
-                    raise CheckpointError(f"{state.path}: {kind} {name} has shape {tuple(theirs[name].shape)}, "
+                    raise CheckpointError(f"{path}: {kind} {name} has shape {tuple(theirs[name].shape)}, "
                                           f"the model needs {tuple(tensor.shape)}")
                 tensor.copy_(theirs[name].to(tensor.device))
         try:
-            self.optimizer.load_state_dict(state.optimizer)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{state.path}: optimizer state does not fit optim.name = "
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: field optimizer: does not fit optim.name = "
                                   f"{self.cfg.optim.name!r} ({str(exc).splitlines()[0]})") from None
-        torch.set_rng_state(state.rng["torch"])
-        self.step, self.epoch = state.step, state.epoch
-        extra = state.extra
-        self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
-        self.step_state = {"costs": list(extra.get("costs") or [])}
-        self.metrics = rec.MetricsLog(self.metrics.path, state.metrics)
-        ratios = extra.get("mask_ratios")
-        if ratios is None and state.masks:  # checkpoints written before ratios were stored
-            ratios = layer_ratios(state.masks)
-        if ratios is not None:
-            fixed = {n: m.to(torch.bool) for n, m in state.masks.items()} if extra.get("mask_fixed", True) else None
-            self.masks = MaskSchedule(self.masks.shapes, self.cfg.train.seed, self.cfg.prune.mask_interval,
-                                      ratios=ratios, fixed=fixed,
-                                      source=f"{extra.get('mask_source', 'checkpoint')} (from the checkpoint)")
+        torch.set_rng_state(state["rng"]["torch"])
+        pos = state["position"]
+        self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        self.step_state = dict(state["estimator"])
+        self.metrics.history = list(state["metrics"])
+        self.masks.load_state_dict(state["masks"])
 
     # ------------------------------------------------------------------ start-up
     def setup_masks(self, splits_for_pruning) -> None:
@@ -318,7 +311,13 @@ class Trainer:
             finally:
                 self.model.train()
 
-        settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
+        if self.stop is not None:
+            self.stop.sub = f"eval{self.epoch}"
+        try:
+            settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
+        finally:
+            if self.stop is not None:
+                self.stop.sub = ""
         last = comm.size - 1  # the split puts larger blocks last: the last rank always has a batch
         keys = comm.bcast_strings(sorted(rows[0][2]) if comm.rank == last else None, root=last)
         sums = torch.zeros(2 + len(keys), dtype=torch.float64)
@@ -340,24 +339,57 @@ class Trainer:
             raise UserError(f"task '{self.task.name}': metrics failed ({type(exc).__name__}: {exc})") from None
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, run_dir: str) -> str | None:
-        """Checkpoint the current (completed) state; driver only. Prunes this run's old ones."""
-        if not self.comm.is_driver:
-            return None
-        path = ckpt.checkpoint_path(run_dir, self.step, self.run_id)
-        ckpt.save_checkpoint(path, **self.state_dict())
-        ckpt.prune_checkpoints(run_dir, self.cfg.checkpoint.keep, self.run_id)
-        log.info("checkpoint %s", path)
+    def save(self) -> str | None:
+        """Checkpoint the current (completed) state and prune this run's old ones. Collective:
+        the driver writes, and a failure (a full disk) is one agreed line on every rank, so no
+        rank is left waiting; the previous checkpoint stays intact."""
+        def write():
+            if not self.comm.is_driver:
+                return None
+            self.metrics.raise_error()
+            path = ckpt.checkpoint_path(self.run_dir, self.step, self.run_id)
+            ckpt.save_checkpoint(path, **ckpt.to_file(self.state_dict()))
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, self.run_id)
+            log.info("checkpoint %s", path)
+            return path
+
+        path = self.comm.agree(write)
+        self.last_saved = self.step
         return path
 
+    def _save_if_new(self) -> str | None:
+        if self.run_dir and self.step != self.last_saved and self.step > 0:
+            return self.save()
+        return None
+
+    @contextmanager
+    def guarded(self):
+        """Run start-up phases and epochs; on a stop (Preempted) or an error the Trainer itself
+        checkpoints the last completed step (if newer than the last checkpoint). A checkpoint
+        that cannot be written on a stop is kept as ``stop_error`` and the stop goes on."""
+        try:
+            yield
+        except Preempted:
+            try:
+                self.stop_checkpoint = self._save_if_new()
+            except UserError as exc:
+                self.stop_error = str(exc)
+            raise
+        except UserError:
+            self._save_if_new()  # the last good step is kept
+            raise
+
     # ------------------------------------------------------------------ the loop
-    def fit(self, run_dir: str | None, t_start: float) -> dict:
-        """Epochs until ``train.epochs`` (or ``train.max_steps``); raises Preempted on a stop."""
+    def fit(self, t_start: float) -> dict:
+        """Epochs until ``train.epochs`` (or ``train.max_steps``); raises Preempted on a stop.
+        An epoch whose steps are done but whose evaluation is not (a stop came in between)
+        is evaluated first."""
         cfg, comm, progress = self.cfg, self.comm, self.progress
+        run_dir = self.run_dir
         if progress is not None:
             progress.start_loop(self.step, self.total_steps)
         n = self.train_x.shape[0]
-        while self.epoch < cfg.train.epochs and self.step < self.total_steps:
+        while self.epoch < cfg.train.epochs and (self.step < self.total_steps or self._eval_pending()):
             batches = epoch_batches(n, self.batch_size, cfg.train.seed, self.epoch)
             self._refresh_coords()
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
@@ -389,7 +421,9 @@ class Trainer:
             self.batch_in_epoch = 0
             every = cfg.checkpoint.every_epochs
             if run_dir and every and self.epoch % every == 0 and self.epoch < cfg.train.epochs:
-                self.save(run_dir)
+                self.save()
+            elif run_dir:
+                comm.agree(self.metrics.raise_error)  # a metrics file that stopped taking writes
         if progress is not None:
             progress.close()
         return self.summary()
