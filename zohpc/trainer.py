@@ -21,11 +21,11 @@ from . import metrics as rec
 from .config import DENSE_ESTIMATORS, Config, estimator_name, to_toml
 from .data import epoch_batches
 from .errors import CheckpointError, ConfigError, UserError
+from .evaluation import evaluate
 from .inputs import model_input
 from .masks import MaskSchedule, read_mask_file
 from .steps import attempt, build_step, settle
 from .steps.protocol import standard
-from .sharding import contiguous_split
 from .stop import Preempted, no_check
 from .zo import Coordinates
 from .zo.engine import check_deterministic
@@ -285,58 +285,10 @@ class Trainer:
         return self.estimator(x, y, self.step)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, dict] | None:
-        """Test loss and metrics, the test batches split over the ranks (stoppable)."""
-        if self.task.test is None:
-            return None
-        comm, (tx, ty) = self.comm, self.task.test
-        bs = self.cfg.data.test_batch_size
-        nb = -(-tx.shape[0] // bs)
-        bounds = contiguous_split(nb, comm.size)
-        rows = []
-        first = next(self.model.parameters())
-
-        def work():
-            self.model.eval()
-            try:
-                for b in range(bounds[comm.rank], bounds[comm.rank + 1]):
-                    if self.stop is not None:
-                        self.stop.check()
-                    x = model_input(tx[b * bs:(b + 1) * bs], first)
-                    y = ty[b * bs:(b + 1) * bs].to(self.device)
-                    out = self.model(x)
-                    loss = float(self.objective(out, y, 1)[0])
-                    rows.append((x.shape[0], loss, self._metrics(out, y)))
-            finally:
-                self.model.train()
-
-        if self.stop is not None:
-            self.stop.sub = f"eval{self.epoch}"
-        try:
-            settle(comm, self.stop, attempt(work), f"evaluation at step {self.step}")
-        finally:
-            if self.stop is not None:
-                self.stop.sub = ""
-        last = comm.size - 1  # the split puts larger blocks last: the last rank always has a batch
-        keys = comm.bcast_strings(sorted(rows[0][2]) if comm.rank == last else None, root=last)
-        sums = torch.zeros(2 + len(keys), dtype=torch.float64)
-        for n, loss, metrics in rows:
-            sums[0] += n
-            sums[1] += n * loss
-            for i, k in enumerate(keys):
-                sums[2 + i] += n * float(metrics.get(k, math.nan))
-        comm.allreduce_sum_(sums)
-        return float(sums[1] / sums[0]), {k: float(sums[2 + i] / sums[0]) for i, k in enumerate(keys)}
-
-    def _metrics(self, out, y) -> dict:
-        if self.task.metrics is None:
-            return {}
-        try:
-            values = self.task.metrics(out, y)
-            return {str(k): float(v) for k, v in dict(values).items()}
-        except Exception as exc:  # noqa: BLE001 - a plug-in's failure is reported as the task's
-            raise UserError(f"task '{self.task.name}': metrics failed ({type(exc).__name__}: {exc})") from None
+        """Test loss and metrics of the current model over all ranks (stoppable)."""
+        return evaluate(self.comm, self.task, self.model, self.objective, self.cfg.data.test_batch_size,
+                        stop=self.stop, label=(self.epoch, self.step))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str | None:
