@@ -92,6 +92,19 @@ def run_cli(*args, timeout=120):
 
 
 # ---------------------------------------------------------------------------- digits
+def test_digits_read_from_the_package_file_equal_sklearns_loader():
+    """The direct read of digits.csv.gz (no scikit-learn import at start-up) gives exactly the
+    images and labels of ``sklearn.datasets.load_digits``."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from zohpc.data.builtin import digits_arrays
+
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+
+
 def test_digits_shapes_counts_and_normalization(digits):
     assert digits.name == "digits"
     assert digits.train_x.shape == (1437, 1, 8, 8) and digits.test_x.shape == (360, 1, 8, 8)

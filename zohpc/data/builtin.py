@@ -34,14 +34,32 @@ def _stratified_test_indices(labels: np.ndarray, test_size: int, seed: int) -> n
     return np.sort(np.concatenate(chosen))
 
 
-def load_digits_raw() -> RawData:
-    """scikit-learn's bundled 8x8 digits (no download): fixed stratified 1,437/360 split."""
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64, labels) of scikit-learn's bundled digits.
+
+    Read straight from the package's ``datasets/data/digits.csv.gz`` (64 pixels and the label
+    per row, as ``sklearn.datasets.load_digits`` reads it): importing scikit-learn costs about
+    4 s (scipy.stats), on every rank, which was the largest part of the default run's start-up.
+    Falls back to ``load_digits`` where that file is not found."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            rows = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64)
+    return np.asarray(bunch.images, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+
+
+def load_digits_raw() -> RawData:
+    """scikit-learn's bundled 8x8 digits (no download): fixed stratified 1,437/360 split."""
+    images, y = digits_arrays()
     x = np.rint(images).astype(np.uint8)[:, None, :, :]  # values 0..16, exact integers
-    y = np.asarray(bunch.target, dtype=np.int64)
     test_idx = _stratified_test_indices(y, DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED)
     is_test = np.zeros(y.shape[0], dtype=bool)
     is_test[test_idx] = True
