@@ -214,7 +214,8 @@ def _run(comm, cfg, task, plan, trainer, runtime, progress, stop, t_process):
                          f"full forward, stacked {cfg.zo.query_batch} at a time")
         progress.say(f"{progress.prog}: {task.name} {_describe(task, cfg)}, {params:,} parameters"
                      f"{f' ({trained:,} trained: LoRA)' if cfg.lora.target else ''}, "
-                     f"{comm.size} rank(s) x {runtime.threads} thread(s), {estimator_name(cfg).upper()}, "
+                     f"{comm.size} rank(s) x {runtime.threads} thread(s), {estimator_name(cfg).upper()}"
+                     f"{' at the outputs (gray-box)' if cfg.zo.boundary == 'outputs' else ''}, "
                      f"masks: {trainer.masks.source}, {trainer.total_steps - trainer.step} step(s) to go"
                      + (f", out: {run_dir}" if run_dir else ""))
         ready = rec.Ready(startup_seconds=time.time() - t_process, step=trainer.step,
