@@ -181,9 +181,27 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
                 progress.say(f"{progress.prog}: run {run_dir} is already complete (step {trainer.step} of "
                              f"{trainer.total_steps}, epoch {trainer.epoch} of {cfg.train.epochs}); nothing to do")
                 return 0, trainer.summary()
+    except UserError:
+        _forget_new_directory(comm, plan, claims)
+        raise
+    except Preempted:
+        return _stopped(comm, trainer, metrics, progress, stop, t_process)
+    try:
         return _run(comm, cfg, task, plan, trainer, runtime, progress, stop, t_process)
     except Preempted:
         return _stopped(comm, trainer, metrics, progress, stop, t_process)
+
+
+def _forget_new_directory(comm, plan, claims) -> None:
+    """Bad input found before the first step of a new run (the task, the masks, the model): the
+    directory this start created is removed again, so the error leaves no trace (a directory
+    that existed before is left for a rerun to take over)."""
+    if not comm.is_driver or not claims or plan.checkpoint is not None or plan.takeover or plan.restart:
+        return
+    claim = claims[0]
+    if claim.created and claim.created_lock:
+        _discard_new_run(claim.out)
+        claim.release(discard=True)
 
 
 def _run(comm, cfg, task, plan, trainer, runtime, progress, stop, t_process):
