@@ -33,13 +33,7 @@ class TinyTransformer(nn.Module):
         return self.head(F.gelu(self.norm(h).mean(dim=1)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (a shared 2-core machine makes thread teams spin)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _setup(batch=5, dtype=torch.float64):

@@ -52,12 +52,7 @@ class TokenNet(nn.Module):
         return self.head(self.norm(self.blocks(self.emb(x) + self.pos)).mean(dim=1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _sample(model, per_param=4, seed=3):
