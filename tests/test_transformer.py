@@ -155,6 +155,29 @@ def test_spsa_queries_leave_parameters_bit_identical_and_see_the_perturbed_weigh
     assert torch.equal(ref.wpe.weight, model.wpe.weight)
 
 
+def test_spsa_tied_weight_is_drawn_once_per_forward_after_the_first(monkeypatch):
+    """GPT reads its embedding again in the output layer: after one pass has seen that, a
+    pass draws its noise once (not twice) and computes the same output."""
+    from zohpc.models.gpt import GPT, GPTConfig
+    from zohpc.zo import spsa
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=16, context=8, layers=1, heads=2, width=8))
+    tokens = torch.randint(0, 16, (2, 8))
+    drawn = []
+    real = spsa.perturbed_value
+    monkeypatch.setattr(spsa, "perturbed_value", lambda p, *a: drawn.append(p) or real(p, *a))
+    reread, outs, counts = set(), [], []
+    for _ in range(2):
+        drawn.clear()
+        with torch.no_grad(), spsa.perturbed(model, (1, 2), 3, 1e-2, reread):
+            outs.append(model(tokens))
+        counts.append(sum(p is model.wte.weight for p in drawn))
+    assert reread == {id(model.wte.weight)}
+    assert counts == [2, 1]
+    assert torch.equal(outs[0], outs[1])
+
+
 SPSA = TINY[:3] + ["task.d_model=16", "task.ff=32", "task.layers=2", "task.seq_len=8", "task.train_size=64",
                    "task.test_size=32", "data.batch_size=32", "zo.estimator=spsa", "zo.difference=central",
                    "zo.spsa_queries=2", "zo.mu=0.001", "optim.lr=0.01", "optim.momentum=0.9", "zo.spsa_check_every=1"]

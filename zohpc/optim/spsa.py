@@ -50,6 +50,7 @@ class SPSA(torch.optim.Optimizer):
             raise ValueError("SPSA takes one parameter group")
         self.mu, self.q, self.difference, self.seed, self.comm = float(mu), int(queries), difference, int(seed), comm
         self.num_queries = 0
+        self._reread: set = set()  # tied weights seen read twice in one forward (computed once after)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -73,7 +74,7 @@ class SPSA(torch.optim.Optimizer):
         if sign == 0:
             yield
         elif self.module is not None:
-            with perturbed(self.module, seed_parts, j, sign * self.mu):
+            with perturbed(self.module, seed_parts, j, sign * self.mu, self._reread):
                 yield
         else:
             saved = [p.data for p in self.params]

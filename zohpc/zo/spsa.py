@@ -11,7 +11,8 @@ they are used. Only parameters with ``requires_grad=True`` are perturbed (LoRA's
 is read as stored).
 
 Memory: parameters + one inference forward + the largest single weight (its perturbed
-temporary) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
+temporary; a weight read more than once per forward, such as a tied embedding, is held for the
+whole forward once :func:`perturbed` has seen it read twice) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
 buffer per trainable parameter, Adam two.
 """
 
@@ -103,10 +104,28 @@ def trainable(model: nn.Module) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def perturbed(model: nn.Module, seed_parts, j: int, scale: float):
+def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: set | None = None):
     """Inside, the model computes at ``θ + scale·z_j`` over its trainable parameters; the
-    stored parameters are untouched (see the module docstring). Not re-entrant."""
+    stored parameters are untouched (see the module docstring). Not re-entrant.
+
+    ``reread``: a set the caller keeps across passes. A parameter that one pass reads more
+    than once (a tied weight: GPT's embedding is read again by its output layer) is added to
+    it, and later passes compute its perturbed value once and hold it until the pass ends,
+    instead of drawing its noise again at every read (same values either way)."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
+    reads: dict = {}
+    held: dict = {}
+
+    def value(p):
+        key = id(p)
+        reads[key] = reads.get(key, 0) + 1
+        if key in held:
+            return held[key]
+        v = perturbed_value(p, seed_parts, j, index[key], scale)
+        if reread is not None and key in reread:
+            held[key] = v
+        return v
+
     swapped = []
     for mod in model.modules():
         names = tuple(n for n, p in mod._parameters.items() if p is not None and id(p) in index)
@@ -115,8 +134,7 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float):
         cls = mod.__class__
         mod.__class__ = _swapped_class(cls, names)
         own = {n: mod._parameters[n] for n in names}
-        mod._zohpc_perturb = lambda name, own=own: perturbed_value(own[name], seed_parts, j, index[id(own[name])],
-                                                                   scale)
+        mod._zohpc_perturb = lambda name, own=own: value(own[name])
         swapped.append((mod, cls))
     try:
         yield
@@ -124,6 +142,9 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float):
         for mod, cls in swapped:
             mod.__class__ = cls
             del mod._zohpc_perturb
+        held.clear()
+        if reread is not None:
+            reread.update(k for k, n in reads.items() if n > 1)
 
 
 @torch.no_grad()
