@@ -56,13 +56,7 @@ def settings(quick: bool) -> dict:
 
 
 def _spsa_overrides(s) -> list[str]:
-    """SPSA (helper 16's ``zo.estimator = "spsa"``) where this build has it; else the RGE core,
-    which is SPSA with unit directions (the JSON names which ran)."""
-    from ..config import CHOICES
-
-    if "spsa" in CHOICES["zo.estimator"]:
-        return ["zo.estimator=spsa", f"zo.spsa_queries={s['spsa_queries']}"]
-    return ["zo.estimator=rge", f"zo.rge_queries={s['spsa_queries']}"]
+    return ["zo.estimator=spsa", f"zo.spsa_queries={s['spsa_queries']}"]
 
 
 def pretrain(s: dict, path: str) -> dict:
@@ -203,7 +197,6 @@ def run(comm, out_dir: str, quick: bool) -> dict:
     spsa = _spsa_overrides(s)
     methods["spsa"] = zo_method(s, base, spsa + ["optim.name=sgd", f"optim.lr={s['spsa_lr']}"],
                                 os.path.join(runs, "spsa"), s["spsa_queries"] + 1)
-    methods["spsa"]["estimator"] = spsa[0].split("=")[1]
     lizo = ["optim.name=lizo", f"optim.lr={s['lizo_lr']}", f"optim.num_sample_per_step={s['lizo_n']}"]
     methods["lizo"] = zo_method(s, base, lizo + ["optim.reuse_distance_bound=-1"], os.path.join(runs, "lizo"),
                                 s["lizo_n"] + 1)
@@ -222,8 +215,7 @@ def table(result: dict) -> str:
     rows = [("method", "test acc", "val acc", "queries", "steps", "reuse")]
     for key in ("zero_shot", "fo", "spsa", "lizo", "lizo_no_reuse"):
         r = m.get(key, {})
-        name = key + (f" ({r['estimator']})" if "estimator" in r else "")
-        rows.append((name, f"{100 * r.get('accuracy', float('nan')):.1f}", f"{100 * r.get('val_accuracy', float('nan')):.1f}",
+        rows.append((key, f"{100 * r.get('accuracy', float('nan')):.1f}", f"{100 * r.get('val_accuracy', float('nan')):.1f}",
                      f"{r['queries']:,}" if "queries" in r else "-", str(r.get("steps", "-")),
                      f"{100 * r['reuse_rate']:.0f}%" if "reuse_rate" in r else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
