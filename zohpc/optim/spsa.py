@@ -50,7 +50,7 @@ class SPSA(torch.optim.Optimizer):
             raise ValueError("SPSA takes one parameter group")
         self.mu, self.q, self.difference, self.seed, self.comm = float(mu), int(queries), difference, int(seed), comm
         self.num_queries = 0
-        self._reread: set = set()  # tied weights seen read twice in one forward (computed once after)
+        self._reread: dict = {}  # tied weights seen read more than once per forward: their reads
 
     @property
     def params(self) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ they are used. Only parameters with ``requires_grad=True`` are perturbed (LoRA's
 is read as stored).
 
 Memory: parameters + one inference forward + the largest single weight (its perturbed
-temporary; a weight read more than once per forward, such as a tied embedding, is held for the
-whole forward once :func:`perturbed` has seen it read twice) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
+temporary; a weight read more than once per forward, such as a tied embedding, is held from its first
+to its last read once :func:`perturbed` has seen it read twice) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
 buffer per trainable parameter, Adam two.
 """
 
@@ -104,26 +104,28 @@ def trainable(model: nn.Module) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: set | None = None):
+def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: dict | None = None):
     """Inside, the model computes at ``θ + scale·z_j`` over its trainable parameters; the
     stored parameters are untouched (see the module docstring). Not re-entrant.
 
-    ``reread``: a set the caller keeps across passes. A parameter that one pass reads more
-    than once (a tied weight: GPT's embedding is read again by its output layer) is added to
-    it, and later passes compute its perturbed value once and hold it until the pass ends,
-    instead of drawing its noise again at every read (same values either way)."""
+    ``reread``: a dict the caller keeps across passes. A parameter that one pass reads more
+    than once (a tied weight: GPT's embedding is read again by its output layer) is recorded
+    with its number of reads, and later passes compute its perturbed value once and hold it
+    until its last read, instead of drawing its noise again at every read (same values)."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
     reads: dict = {}
     held: dict = {}
 
     def value(p):
         key = id(p)
-        reads[key] = reads.get(key, 0) + 1
-        if key in held:
-            return held[key]
-        v = perturbed_value(p, seed_parts, j, index[key], scale)
-        if reread is not None and key in reread:
+        n = reads[key] = reads.get(key, 0) + 1
+        v = held.get(key)
+        if v is None:
+            v = perturbed_value(p, seed_parts, j, index[key], scale)
+        if reread is not None and n < reread.get(key, 0):
             held[key] = v
+        else:
+            held.pop(key, None)  # its last read: freed when the layer is done with it
         return v
 
     swapped = []
@@ -144,7 +146,7 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: set | 
             del mod._zohpc_perturb
         held.clear()
         if reread is not None:
-            reread.update(k for k, n in reads.items() if n > 1)
+            reread.update((k, n) for k, n in reads.items() if n > 1)
 
 
 @torch.no_grad()
