@@ -59,8 +59,8 @@ ZO_METHODS = ("lizo", "lizo_no_reuse", "zo_sgd")
 # The design: see the README section. lrs chosen on seed 0 from (1, 3, 10, 30) for the ZO
 # methods and (3e-3, 1e-2, 3e-2, 1e-1) for DARTS, by the final validation loss of the search.
 SETTINGS = {
-    False: dict(seeds=4, val_size=200, channels=6, steps=160, budget=500, retrain_channels=12, retrain_epochs=15),
-    True: dict(seeds=1, val_size=100, channels=4, steps=24, budget=60, retrain_channels=8, retrain_epochs=2),
+    False: dict(seeds=4, val_size=200, channels=6, steps=160, arch_interval=16, budget=500, retrain_channels=12, retrain_epochs=15),
+    True: dict(seeds=1, val_size=100, channels=4, steps=24, arch_interval=8, budget=60, retrain_channels=8, retrain_epochs=2),
 }
 COMMON = dict(batch_size=64, w_lr=3e-3, samples=8, mu=2e-2, lizo_lr=10.0, zo_sgd_lr=10.0, darts_lr=3e-2,
               max_reuse_rate=0.5, retrain_lr=3e-3)
@@ -87,18 +87,25 @@ def load_data(val_size: int):
 
 # ---------------------------------------------------------------------------------------- the search
 class Budget:
-    """Counts validation queries; spreads ``total`` evenly over ``steps`` weight steps."""
+    """Counts validation queries; spreads ``total`` evenly over ``steps`` weight steps in
+    phases of ``interval`` weight steps."""
 
-    def __init__(self, total: int, steps: int):
-        self.total, self.steps, self.spent = int(total), int(steps), 0
+    def __init__(self, total: int, steps: int, interval: int = 1):
+        self.total, self.steps, self.interval, self.spent = int(total), int(steps), max(1, int(interval)), 0
+
+    def phase_start(self, k: int) -> bool:
+        """Whether an architecture phase comes before weight step ``k``."""
+        return k % self.interval == 0
 
     def allowance(self, k: int) -> int:
-        """Queries a method may have spent by the end of the architecture steps before weight step ``k``."""
-        return self.total * (k + 1) // self.steps
+        """Queries a method may have spent by the end of the phase that starts at weight step ``k``
+        (its share of the weight steps up to the next phase)."""
+        end = min(self.steps, (k // self.interval + 1) * self.interval)
+        return self.total * end // self.steps
 
 
 def make_arch_optimizer(method: str, alpha: torch.Tensor, cfg: dict, seed: int):
-    """``(step(closure) -> loss, max queries of one step)`` for a ZO method (public APIs only)."""
+    """A fresh ZO optimizer of ``alpha`` for ``method`` (public APIs only); one step costs at most ``n + 1`` queries."""
     from ..optim import LIZO, ZOSGD
 
     n, mu = cfg["samples"], cfg["mu"]
@@ -112,7 +119,7 @@ def make_arch_optimizer(method: str, alpha: torch.Tensor, cfg: dict, seed: int):
         opt = ZOSGD([alpha], cfg["zo_sgd_lr"], q=n, mu=mu, seed=seed)
     else:
         raise ValueError(f"nas: {method!r} is not a zeroth-order method")
-    return opt, n + 1
+    return opt
 
 
 def search(method: str, data, s: dict, cfg: dict, seed: int, trace: bool = False) -> dict:
@@ -124,7 +131,7 @@ def search(method: str, data, s: dict, cfg: dict, seed: int, trace: bool = False
         alpha = nn.Parameter(1e-3 * torch.randn(EDGES, len(OPS)))
     w_opt = torch.optim.Adam(net.parameters(), lr=cfg["w_lr"])
     loss_fn = nn.functional.cross_entropy
-    budget = Budget(s["budget"], s["steps"])
+    budget = Budget(s["budget"], s["steps"], s["arch_interval"])
     curve = []
 
     @torch.no_grad()
@@ -132,10 +139,9 @@ def search(method: str, data, s: dict, cfg: dict, seed: int, trace: bool = False
         budget.spent += 1
         return float(loss_fn(net(vx, alpha=alpha), vy))
 
-    arch_step, step_cost, opt = None, 0, None
+    step_cost, opt, counted = 0, None, {"queries": 0, "reused": 0, "fresh": 0}
     if method in ZO_METHODS:
-        opt, step_cost = make_arch_optimizer(method, alpha, cfg, derive_seed("nas-directions", seed) % 2 ** 31)
-        arch_step = opt.step
+        step_cost = cfg["samples"] + 1
     elif method == "darts":
         a_opt = torch.optim.Adam([alpha], lr=cfg["darts_lr"], betas=(0.5, 0.999))
     elif method != "random":
@@ -149,9 +155,13 @@ def search(method: str, data, s: dict, cfg: dict, seed: int, trace: bool = False
             if k >= s["steps"]:
                 break
             # ---- architecture steps
-            if arch_step is not None:
+            if method in ZO_METHODS and budget.phase_start(k):
+                # a fresh optimizer per phase: the weights moved since the last one, so the
+                # losses LIZO kept no longer hold (and new directions for ZO-SGD)
+                _add_counts(counted, opt)
+                opt = make_arch_optimizer(method, alpha, cfg, derive_seed("nas-directions", seed, k) % 2 ** 31)
                 while budget.spent + step_cost <= budget.allowance(k):
-                    loss = arch_step(val_loss)
+                    loss = opt.step(val_loss)
                     arch_steps += 1
                     if trace:
                         curve.append([budget.spent, float(loss)])
@@ -192,14 +202,22 @@ def search(method: str, data, s: dict, cfg: dict, seed: int, trace: bool = False
         with torch.no_grad():
             result.update(genotype=genotype(alpha), search_val_loss=float(loss_fn(net(vx, alpha=alpha), vy)))
     result["queries"] = budget.spent
-    if method == "lizo" or method == "lizo_no_reuse":
-        c = opt.counters()
-        if c["queries"] != budget.spent:
-            raise RuntimeError(f"nas: LIZO counted {c['queries']} queries, the closure {budget.spent}")
-        result["reuse_rate"] = opt.reuse_rate
+    if method in ("lizo", "lizo_no_reuse"):
+        _add_counts(counted, opt)
+        if counted["queries"] != budget.spent:
+            raise RuntimeError(f"nas: LIZO counted {counted['queries']} queries, the closure {budget.spent}")
+        result["reuse_rate"] = counted["reused"] / max(1, counted["reused"] + counted["fresh"])
     if trace:
         result["curve"] = curve
     return result
+
+
+def _add_counts(total: dict, opt) -> None:
+    """Add a LIZO's query counters to ``total`` (ZO-SGD, or none yet: nothing)."""
+    if opt is not None and hasattr(opt, "counters"):
+        c = opt.counters()
+        for key in total:
+            total[key] += c[key]
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int):
