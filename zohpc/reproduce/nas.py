@@ -12,11 +12,12 @@ pass of the search network over the whole validation part, at one architecture:
 * ``lizo`` / ``lizo_no_reuse`` / ``zo_sgd``: the architecture weights ``alpha`` are
   optimized on the validation loss by ``zohpc.optim.LIZO`` (reuse bound 2 lr, max reuse
   rate 0.5), LIZO with reuse switched off, and ``zohpc.optim.ZOSGD`` (RGE), alternating
-  with the weight steps as in first-order DARTS. The budget is spread evenly over the
-  weight steps: before weight step ``k`` a method takes architecture steps while one more
-  step (at most ``n + 1`` queries) keeps its spending within ``budget * (k + 1) / steps``.
-  So every method ends with at most ``budget`` and more than ``budget - n - 1`` queries,
-  counted at the closure; reuse shows as *more architecture steps* for the same queries.
+  with the weight steps as in first-order DARTS. The budget is spread evenly over phases of
+  ``arch_interval`` weight steps: at the start of a phase a fresh optimizer takes
+  architecture steps while one more step (at most ``n + 1`` queries) keeps its spending
+  within ``budget * (weight steps up to the next phase) / steps``. So every method ends with
+  at most ``budget`` and more than ``budget - n - 1`` queries, counted at the closure; reuse
+  shows as *more architecture steps* for the same queries.
 * ``random``: random search with weight sharing (Li and Talwalkar 2019): the same weight
   steps train the search network with one uniformly drawn architecture per step; then
   ``budget`` architectures drawn uniformly are each scored by one validation query on
@@ -25,7 +26,9 @@ pass of the search network over the whole validation part, at one architecture:
   (backprop), one architecture step per weight step; its "queries" are these ``steps``
   validation forward-backward passes (gradients, not comparable to the ZO queries).
 
-The genotype (op of largest weight per edge) of each method is then retrained from scratch
+The search's final validation loss (reported, not counted: it chooses nothing) is that of
+the mixed network at the final ``alpha``. The genotype (op of largest weight per edge) of
+each method is then retrained from scratch
 (the same initial weights, batch order and schedule for every method of a seed) on the
 whole training split and tested. Seeds are split over the ranks in contiguous blocks (each
 rank runs every method on its seeds, single-threaded); rank 0 gathers the figures.
@@ -63,7 +66,8 @@ ZO_METHODS = ("lizo", "lizo_no_reuse", "zo_sgd")
 # mixing), so plain ZO steps need a large lr. reuse_bound None is ReLIZO's 2 lr; on seed 0 a
 # bound of 1.0 reused exactly the same points and 0.3 nearly so (reuse rate 0.42 against 0.45).
 SETTINGS = {
-    False: dict(seeds=4, val_size=200, channels=6, steps=160, arch_interval=16, budget=500, retrain_channels=12, retrain_epochs=15),
+    False: dict(seeds=4, val_size=200, channels=6, steps=160, arch_interval=16, budget=500, retrain_channels=12,
+                retrain_epochs=15),
     True: dict(seeds=2, val_size=64, channels=4, steps=16, arch_interval=8, budget=40, retrain_channels=4,
                retrain_epochs=1),
 }
