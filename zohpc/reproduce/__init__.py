@@ -10,4 +10,4 @@ Each study is a module ``zohpc.reproduce.<name>`` with:
 * ``plot(result, path) -> None``: a PNG figure.
 """
 
-STUDIES = ("solver_in_the_loop", "certified_defense", "blackbox_attack", "cge_vs_rge", "lizo_reference", "peft_finetune")
+STUDIES = ("solver_in_the_loop", "certified_defense", "blackbox_attack", "cge_vs_rge", "lizo_reference", "peft_finetune", "nas")
