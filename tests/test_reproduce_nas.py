@@ -124,7 +124,6 @@ def test_budget_is_spread_over_the_phases():
     assert [b.allowance(k) for k in (0, 4, 8)] == [40, 80, 100]
 
 
-@pytest.mark.slow
 def test_study_quick_two_ranks(tmp_path):
     proc = run_ranks(2, ["-m", "zohpc.reproduce", "nas", "--quick", "--json", "--out", str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
