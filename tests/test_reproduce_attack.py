@@ -105,9 +105,9 @@ def test_no_reuse_means_no_reuse():
     from zohpc.reproduce.blackbox_attack import make_step
 
     counts = {}
-    for method in ("lizo", "lizo_no_reuse"):
+    for method, bound in (("lizo", None), ("lizo_no_reuse", None), ("lizo", 0.0)):
         w = torch.zeros(8, requires_grad=True)
-        step = make_step(method, 0.1, 4, 5e-3, 0.5, 0)([w])
+        step = make_step(method, 0.1, 4, 5e-3, 0.5, 0, reuse_bound=bound)([w])
         calls = [0]
 
         def closure():
@@ -116,9 +116,9 @@ def test_no_reuse_means_no_reuse():
 
         for _ in range(10):
             step(closure)
-        counts[method] = calls[0]
-    assert counts["lizo_no_reuse"] == 10 * 5
-    assert counts["lizo"] < counts["lizo_no_reuse"]
+        counts[method, bound] = calls[0]
+    assert counts["lizo_no_reuse", None] == 10 * 5 == counts["lizo", 0.0]  # bound 0: nothing is reusable
+    assert counts["lizo", None] < counts["lizo_no_reuse", None]
 
 
 def test_margin_gradient_is_the_closed_form_on_a_linear_classifier():
@@ -232,6 +232,8 @@ def test_study_quick_two_ranks(tmp_path):
     assert diag["lizo"]["step_over_bound"] > 0 and diag["lizo"]["reused_distance_mu"] > 0
     assert all(-1 <= d["alignment"] <= 1 for d in diag.values())
     assert all("alignment" in e for e in result["tuning"]["lizo"])
+    sweep = {e["bound_over_lr"]: e for e in result["bound_sweep"]}  # a tighter bound: less reuse
+    assert sweep[0.1]["reuse_rate"] < sweep[2.0]["reuse_rate"]
     assert isinstance(result["goal"]["met"], bool) and result["goal"]["budgets"] == [50, 100, 150]
     for name in ("blackbox_attack.json", "blackbox_attack.txt", "blackbox_attack.png"):
         assert (tmp_path / name).stat().st_size > 0

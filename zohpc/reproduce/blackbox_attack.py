@@ -43,8 +43,9 @@ DIAG = ("steps", "sample_rows", "reused_rows", "fallbacks", "step_length", "boun
 
 SETTINGS = {
     False: dict(images=0, tune_images=40, budget=150, curve_budget=500, lrs=(0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
-                goal_budgets=(50, 100, 150, 200, 300, 500)),
-    True: dict(images=16, tune_images=8, budget=150, curve_budget=150, lrs=(1.0, 5.0), goal_budgets=(50, 100, 150)),
+                goal_budgets=(50, 100, 150, 200, 300, 500), bound_factors=(0.1, 0.3, 1.0, 2.0)),
+    True: dict(images=16, tune_images=8, budget=150, curve_budget=150, lrs=(1.0, 5.0), goal_budgets=(50, 100, 150),
+               bound_factors=(0.1, 2.0)),
 }
 # epsilon 0.15: the white-box attack (backprop through the classifier) fools nearly every
 # image, so what separates the black-box methods is query efficiency, not feasibility
@@ -52,17 +53,19 @@ COMMON = dict(epsilon=0.15, samples=8, mu=5e-3, max_reuse_rate=0.5, classifier_e
               white_box_steps=100)
 
 
-def make_step(method: str, lr: float, samples: int, mu: float, max_reuse_rate: float, seed: int, probe=None):
+def make_step(method: str, lr: float, samples: int, mu: float, max_reuse_rate: float, seed: int, probe=None,
+              reuse_bound: float | None = None):
     """``params -> step(closure)`` for one method (public optimizer APIs only).
 
-    ``probe``: a :class:`StepProbe` that watches every step (it changes nothing)."""
+    ``probe``: a :class:`StepProbe` that watches every step (it changes nothing).
+    ``reuse_bound``: the reusing LIZO's bound (default ReLIZO's 2 lr)."""
     from ..optim import LIZO, RGE, ZOSGD
 
     def optimizer(params):
         """``(step, the LIZO instance or None)``."""
         if method in ("lizo", "lizo_orth"):  # ReLIZO's reuse bound 2 lr
-            opt = LIZO(params, lr, num_sample_per_step=samples, max_reuse_rate=max_reuse_rate, sample_norm=mu,
-                       orthogonal_sample=method == "lizo_orth", seed=seed)
+            opt = LIZO(params, lr, num_sample_per_step=samples, reuse_distance_bound=reuse_bound,
+                       max_reuse_rate=max_reuse_rate, sample_norm=mu, orthogonal_sample=method == "lizo_orth", seed=seed)
             return opt.step, opt
         if method == "lizo_no_reuse":  # bound 0 (the reference's "no reuse"), and no row may be reused
             opt = LIZO(params, lr, num_sample_per_step=samples, reuse_distance_bound=0.0, max_reuse_rate=0.0,
@@ -158,7 +161,7 @@ def margin_gradient(clf, x, y: int, epsilon: float):
 
 
 def attack_all(comm, blackbox, xs, ys, indices, jobs, cfg, oracle=None) -> np.ndarray:
-    """Run every ``(method, lr, budget)`` job on every image; ``(jobs, images, 2 + len(DIAG))``
+    """Run every ``(method, lr, budget[, reuse bound])`` job on every image; ``(jobs, images, 2 + len(DIAG))``
     array of (success, queries, the :class:`StepProbe` sums; zeros without ``oracle``).
 
     ``oracle``: the white-box classifier, for the probe's true gradients (never queried by
@@ -176,9 +179,9 @@ def attack_all(comm, blackbox, xs, ys, indices, jobs, cfg, oracle=None) -> np.nd
     for j in range(counts[rank]):
         i = start + j
         seed = derive_seed("attack-directions", cfg["seed"], int(indices[i])) % (2 ** 31)
-        for k, (method, lr, budget) in enumerate(jobs):
+        for k, (method, lr, budget, *bound) in enumerate(jobs):
             probe = None if oracle is None else StepProbe(margin_gradient(oracle, xs[i], int(ys[i]), cfg["epsilon"]))
-            step = make_step(method, lr, cfg["samples"], cfg["mu"], cfg["max_reuse_rate"], seed, probe)
+            step = make_step(method, lr, cfg["samples"], cfg["mu"], cfg["max_reuse_rate"], seed, probe, *bound)
             res = attack(blackbox, xs[i], int(ys[i]), cfg["epsilon"], step, budget)
             local[j, k, 0], local[j, k, 1] = float(res["success"]), float(res["queries"])
             if probe is not None:
@@ -312,6 +315,13 @@ def run(comm, out_dir: str, quick: bool) -> dict:
         if better(summary, chosen.get(m, (None, None))[1]):
             chosen[m] = (lr, summary)
 
+    # ---- why: LIZO's reuse bound against the step length, at its chosen lr (tuning images)
+    lr = chosen["lizo"][0]
+    jobs = [("lizo", lr, s["budget"], c * lr) for c in s["bound_factors"]]
+    swept = attack_all(comm, bb, data.test_x[tune_idx], data.test_y[tune_idx], tune_idx.tolist(), jobs, cfg, clf)
+    bound_sweep = [{"bound_over_lr": c, "bound": c * lr, **summarize(swept[k], s["budget"]), **diagnose(swept[k])}
+                   for k, c in enumerate(s["bound_factors"])]
+
     # ---- the attacks on the test images, at the largest budget (curves come from it)
     jobs = [(m, chosen[m][0], s["curve_budget"]) for m in METHODS]
     out = attack_all(comm, bb, data.test_x[test_idx], data.test_y[test_idx], test_idx.tolist(), jobs, cfg, clf)
@@ -334,6 +344,7 @@ def run(comm, out_dir: str, quick: bool) -> dict:
         "tune_images": int(len(tune_idx)),
         "classifier_accuracy": accuracy(clf, data.test_x, data.test_y),
         "tuning": tuning,
+        "bound_sweep": bound_sweep,
     }
 
 
@@ -377,6 +388,14 @@ def table(result: dict) -> str:
             cells.append(f"{100 * e['success_rate']:5.1f} / {_fmt(e.get('alignment'), '.3f')} / "
                          f"{_fmt(e.get('reuse_rate'), '.2f')}")
         lines.append(f"{lr:6.2f} " + " ".join(f"{c:>22s}" for c in cells))
+    if result.get("bound_sweep"):
+        lines.append(f"LIZO (reuse) at lr {result['methods']['lizo']['lr']:g} with other reuse bounds "
+                     f"({result['tune_images']} tuning images):")
+        lines.append(f"{'bound':>8s} {'success':>8s} {'reuse':>6s} {'|s|/bound':>9s} {'align':>6s} {'q/step':>6s}")
+        for e in result["bound_sweep"]:
+            lines.append(f"{e['bound']:8.2f} {100 * e['success_rate']:7.1f}% {_fmt(e['reuse_rate'], '6.3f')} "
+                         f"{_fmt(e['step_over_bound'], '9.3f')} {_fmt(e['alignment'], '6.3f')} "
+                         f"{_fmt(e['queries_per_step'], '6.2f')}")
     goal = result.get("goal", {})
     lines.append(f"paper ({PAPER['source']}): {PAPER['claim']}")
     for m in REUSING:
