@@ -422,11 +422,12 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("attack success rate (%)")
     ax.set_title(f"black-box attack on digits, L-inf {result['epsilon']}")
     ax.legend(fontsize=8)
-    for m in METHODS:  # why: the step's alignment with the true descent direction, per lr
-        rows = [e for e in result["tuning"][m] if e.get("alignment") is not None]
-        ax2.plot([e["lr"] for e in rows], [e["alignment"] for e in rows], marker="o", label=LABELS[m])
+    for m in METHODS:  # why: the step's alignment with the true descent direction against its length
+        rows = sorted((e for e in result["tuning"][m] if e.get("alignment") is not None),
+                      key=lambda e: e["step_length"])
+        ax2.plot([e["step_length"] for e in rows], [e["alignment"] for e in rows], marker="o", label=LABELS[m])
     ax2.set_xscale("log")
-    ax2.set_xlabel("learning rate (tuning images)")
+    ax2.set_xlabel("mean step length |s| in w (tuning images, one point per lr)")
     ax2.set_ylabel("mean cos(step, true descent direction)")
     ax2.set_title("step alignment (white-box gradient, not a query)")
     ax2.legend(fontsize=8)
