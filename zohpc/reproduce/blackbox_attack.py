@@ -1,5 +1,6 @@
-"""ReLIZO's black-box adversarial attack, in miniature: LIZO with query reuse against ZO-SGD,
-ZO-Adam and LIZO without reuse, on the digits classifier seen only through its logits.
+"""ReLIZO's black-box adversarial attack, in miniature: LIZO with query reuse (Gaussian or
+orthogonal directions) against ZO-SGD, ZO-Adam and LIZO without reuse, on the digits
+classifier seen only through its logits.
 
 Each correctly classified digits test image is attacked on its own (untargeted,
 L-infinity budget ``epsilon`` in ``[0, 1]`` pixels, the margin loss of
