@@ -86,7 +86,7 @@ def test_attack_counts_queries_and_stops_at_the_first_success():
     assert res == {"success": False, "queries": 1, "margin": pytest.approx(0.25)}
 
 
-@pytest.mark.parametrize("method", ["lizo", "lizo_no_reuse", "zo_sgd", "zo_adam"])
+@pytest.mark.parametrize("method", ["lizo", "lizo_orth", "lizo_no_reuse", "zo_sgd", "zo_adam"])
 def test_every_method_fools_a_linear_classifier(method):
     from zohpc.reproduce.blackbox_attack import make_step
 
@@ -105,9 +105,9 @@ def test_no_reuse_means_no_reuse():
     from zohpc.reproduce.blackbox_attack import make_step
 
     counts = {}
-    for method in ("lizo", "lizo_no_reuse"):
+    for method, bound in (("lizo", None), ("lizo_no_reuse", None), ("lizo", 0.0)):
         w = torch.zeros(8, requires_grad=True)
-        step = make_step(method, 0.1, 4, 5e-3, 0.5, 0)([w])
+        step = make_step(method, 0.1, 4, 5e-3, 0.5, 0, reuse_bound=bound)([w])
         calls = [0]
 
         def closure():
@@ -116,9 +116,103 @@ def test_no_reuse_means_no_reuse():
 
         for _ in range(10):
             step(closure)
-        counts[method] = calls[0]
-    assert counts["lizo_no_reuse"] == 10 * 5
-    assert counts["lizo"] < counts["lizo_no_reuse"]
+        counts[method, bound] = calls[0]
+    assert counts["lizo_no_reuse", None] == 10 * 5 == counts["lizo", 0.0]  # bound 0: nothing is reusable
+    assert counts["lizo", None] < counts["lizo_no_reuse", None]
+
+
+def test_margin_gradient_is_the_closed_form_on_a_linear_classifier():
+    from zohpc.reproduce.blackbox_attack import margin_gradient
+
+    w_cls = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 1.0, -1.0, 2.0]])
+    x = torch.tensor([[[0.5, 0.4], [0.6, 0.3]]])  # x + eps tanh(w) stays inside [0, 1]: no clamp
+    eps, w = 0.1, torch.tensor([[[0.3, -0.2], [0.1, 0.7]]])
+    g = margin_gradient(Linear(w_cls.tolist()), x, 0, eps)(w)
+    # margin = (W_0 - W_1) . (x + eps tanh w) away from the clamp: d/dw = eps sech^2(w) (W_0 - W_1)
+    expect = eps * (1 - torch.tanh(w) ** 2) * (w_cls[0] - w_cls[1]).view(1, 2, 2)
+    assert torch.allclose(g, expect, atol=1e-6)
+
+
+def test_probe_watches_without_changing_the_attack():
+    """Same outcome with and without the probe; its counts are the optimizer's."""
+    from zohpc.reproduce.blackbox_attack import DIAG, StepProbe, make_step, margin_gradient
+
+    gen = torch.Generator().manual_seed(1)
+    clf = Linear(torch.randn(3, 16, generator=gen).tolist())
+    x = torch.rand(1, 4, 4, generator=gen) * 0.5 + 0.25
+    y = int(clf(x[None])[0].argmax())
+    for method in ("lizo", "lizo_no_reuse", "zo_sgd"):
+        plain = attack(BlackBox(clf), x, y, 0.3, make_step(method, 0.5, 4, 5e-3, 0.5, 0), budget=60)
+        probe = StepProbe(margin_gradient(clf, x, y, 0.3))
+        watched = attack(BlackBox(clf), x, y, 0.3, make_step(method, 0.5, 4, 5e-3, 0.5, 0, probe), budget=60)
+        assert watched == plain
+        t = dict(zip(DIAG, probe.row()))
+        assert t["steps"] >= 3 and t["sample_rows"] == 4 * t["steps"]
+        assert -1 <= t["alignment"] / t["aligned_steps"] <= 1
+        if method == "lizo":  # at most floor(0.5 * 4) rows reused per step, within the bound 2 lr = 1
+            assert 0 < t["reused_rows"] <= 2 * t["steps"]
+            assert t["bound"] == pytest.approx(1.0 * t["bounded_steps"]) and t["bounded_steps"] == t["steps"]
+            assert t["reused_distance"] / t["reused_rows"] * 5e-3 <= 1.0
+        else:
+            assert t["reused_rows"] == 0 and t["bounded_steps"] == 0
+
+
+def test_probe_alignment_is_one_along_the_true_gradient():
+    from zohpc.reproduce.blackbox_attack import DIAG, StepProbe, margin_gradient
+
+    clf = Linear([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    x = torch.tensor([[[0.5, 0.25], [0.25, 0.25]]])
+    oracle = margin_gradient(clf, x, 0, 0.2)
+
+    def steepest(params):
+        w = params[0]
+
+        def step(closure):
+            closure()
+            with torch.no_grad():
+                w.sub_(oracle(w.detach().clone()))
+
+        return StepProbe.wrap(probe, step, params, None, 4, 5e-3)
+
+    probe = StepProbe(oracle)
+    res = attack(BlackBox(clf), x, 0, 0.2, steepest, budget=50)
+    t = dict(zip(DIAG, probe.row()))
+    assert res["success"] and t["steps"] >= 1
+    assert t["alignment"] / t["aligned_steps"] == pytest.approx(1.0)
+
+
+def test_goal_counts_budgets_ahead_beyond_one_standard_error():
+    from zohpc.reproduce.blackbox_attack import METHODS, ahead, goal_check
+
+    n = 200
+    rng = np.random.default_rng(0)
+
+    def outcomes(p_success, queries):
+        out = np.zeros((n, 3))
+        out[:, 0] = rng.random(n) < p_success
+        out[:, 1] = queries + rng.integers(-5, 6, n)
+        return out
+
+    strong, weak = outcomes(0.9, 40), outcomes(0.5, 40)
+    assert ahead(strong, weak, 150) == "success" and ahead(weak, strong, 150) is None
+    fast = weak.copy()
+    fast[:, 1] -= 20  # the same successes, 20 queries sooner
+    assert ahead(fast, weak, 150) == "queries" and ahead(weak, weak, 150) is None
+    assert ahead(fast, weak, 10) is None  # no success within 10 queries: no verdict
+    nearly = weak.copy()
+    nearly[:, 1] -= 0.1  # fewer queries, but by less than the standard error of the difference
+    assert ahead(nearly, weak, 150) is None
+    mixed = weak.copy()  # three images won and two lost: one more success, within the error
+    won, lost = np.flatnonzero(weak[:, 0] == 0)[:3], np.flatnonzero(weak[:, 0] == 1)[:2]
+    mixed[won, 0], mixed[lost, 0] = 1, 0
+    assert ahead(mixed, weak, 150) is None and ahead(weak, mixed, 150) is None
+    out = {m: weak for m in METHODS}
+    out["lizo"] = strong
+    verdict = goal_check(out, [10, 50, 150])
+    assert verdict["lizo"] == {"budgets_ahead": [50, 150], "met": True} and verdict["met"]
+    assert not goal_check({m: weak for m in METHODS}, [50, 150])["met"]
+    out["zo_sgd"] = strong  # one non-reusing method as good as LIZO: not ahead of every one
+    assert goal_check(out, [10, 50, 150])["lizo"]["budgets_ahead"] == []
 
 
 def test_study_quick_two_ranks(tmp_path):
@@ -132,6 +226,15 @@ def test_study_quick_two_ranks(tmp_path):
         assert r["mean_queries"] is None or 1 <= r["mean_queries"] <= result["budget"]
     # the images are ones the classifier gets right: without an attack the success rate is 0
     assert result["methods"]["lizo"]["success_rate"] > 0
+    diag = {m: r["diagnostics"] for m, r in result["methods"].items()}
+    assert 0 < diag["lizo"]["reuse_rate"] <= 0.5 and 0 < diag["lizo_orth"]["reuse_rate"] <= 0.5
+    assert diag["lizo_no_reuse"]["reuse_rate"] == 0 and diag["lizo_no_reuse"]["step_over_bound"] is None
+    assert diag["lizo"]["step_over_bound"] > 0 and diag["lizo"]["reused_distance_mu"] > 0
+    assert all(-1 <= d["alignment"] <= 1 for d in diag.values())
+    assert all("alignment" in e for e in result["tuning"]["lizo"])
+    sweep = {e["bound_over_lr"]: e for e in result["bound_sweep"]}  # a tighter bound: less reuse
+    assert sweep[0.1]["reuse_rate"] < sweep[2.0]["reuse_rate"]
+    assert isinstance(result["goal"]["met"], bool) and result["goal"]["budgets"] == [50, 100, 150]
     for name in ("blackbox_attack.json", "blackbox_attack.txt", "blackbox_attack.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "blackbox_attack.json").read_text())["methods"] == result["methods"]
