@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 
@@ -58,6 +57,7 @@ from ..zo import Coordinates, Objective, QueryEngine
 from ..models.token_transformer import TokenTransformer
 from ..zo.costs import calibrate, measured_costs
 from ..zo.work import rowwise_flops
+from .report import emit
 
 TASKS = ("classify", "regress")
 
@@ -371,11 +371,7 @@ def run(comm, args) -> dict:
     if "work_gflops" in res:  # the roofline: achieved against this machine's measured peaks
         res["work_vs_matmul_peak"] = res["work_gflops"] / res["matmul_1thread_gflops"]
         res["work_vs_conv_peak"] = res["work_gflops"] / res["conv_1thread_gflops"]
-    if args.json:
-        print(json.dumps(res), flush=True)
-    else:
-        for k, v in res.items():
-            print(f"{k:34s} {v:.6g}" if isinstance(v, float) else f"{k:34s} {v}")
+    emit(res, args.json, width=34)
     return 0
 
 
