@@ -6,7 +6,8 @@ difference Δ = value(θ + μe) - value(θ) (float32), and :data:`DELTA_PATHS` g
 difference form:
 
 * low precision (zohpc.zo.lowp, TF32 or bf16 operands, float32 accumulation): convolutions
-  and linear layers, ``Δ_out = W Δ_in`` (their bias cancels); these carry the FLOPs;
+  and linear layers, ``Δ_out = W Δ_in`` (their bias cancels); these carry the FLOPs, and
+  run on the executor's own paths, which take the mode's products when ``g.delta`` is set;
 * exact in float32 (linear or bilinear, no cancellation): reshapes, slices, padding (with
   zeros), identity and average pooling, add/sub, ``Δ(ab) = Δa b + a Δb + Δa Δb``,
   ``Δ(a/b) = (Δa b - a Δb) / (b (b + Δb))``, ReLU as ``max(Δ, -h)`` where ``h > 0``,
