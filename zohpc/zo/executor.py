@@ -296,10 +296,12 @@ def run_source(g, plan, n, how, flat, steps, Q, reps, override):
         cols = (j * dw)[:, None] + sw * torch.arange(Wo, device=dev)  # (Q, Wo)
         if B * Ho * Wo >= 4096:  # large slices: Q strided copies beat one gather
             o_l, cin_l, i_l, j_l = o.tolist(), cin.tolist(), i.tolist(), j.tolist()
+            cached, xpad = g.channel_planes(n, mod, Q)
+            start = cached if g.delta is None else out_base  # (a delta mode starts from zeros)
             for q in range(Q):
                 ih, jw = i_l[q] * dh, j_l[q] * dw
                 sl = xpad[:, cin_l[q], ih:ih + sh * (Ho - 1) + 1:sh, jw:jw + sw * (Wo - 1) + 1:sw]
-                torch.add(out_base[:, o_l[q]], sl, alpha=steps[q], out=v[q])
+                torch.add(start[:, o_l[q]], sl, alpha=steps[q], out=v[q])
             return Chan(o_l, 1, v.view(Q * B, 1, Ho, Wo), own=True)
         sl = xpad[:, cin[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, Q, Ho, Wo)
         st = torch.tensor(steps, dtype=v.dtype, device=dev).view(1, Q, 1, 1)
