@@ -22,18 +22,15 @@ import time
 
 import torch
 
+from .report import GPT_OPTIONS, add_gpt_options, emit, gpt_problem
+
 KINDS = ("inference", "spsa", "adam")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zohpc.bench memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--width", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--queries", type=int, default=1, help="SPSA directions (central differences: 2 forwards each)")
+    add_gpt_options(p, layers=12, width=768, heads=12, vocab=50257, batch=8, seq=128, queries=1,
+                    queries_help="SPSA directions (central differences: 2 forwards each)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)  # the child process
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -42,18 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
-
-
-def _problem(args):
-    from ..models.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab=args.vocab, context=max(args.seq, 1), layers=args.layers, heads=args.heads,
-                          width=args.width))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    return model, x, y
 
 
 def measure(args) -> dict:
@@ -66,7 +51,7 @@ def measure(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, x, y = _problem(args)
+    model, x, y = gpt_problem(args)
     out = {"params": sum(p.numel() for p in model.parameters()), "baseline_mb": _peak_mb()}
     with torch.no_grad():  # every kind: one warm-up forward (kernels, allocator), as a training loop has
         float(lm_loss(model(x), y))
@@ -105,8 +90,7 @@ def run(comm, args) -> int:
         return 0
     if not comm.is_driver:
         return 0
-    opts = [f"--{k}={getattr(args, k)}" for k in ("layers", "width", "heads", "vocab", "batch", "seq", "queries",
-                                                  "threads")]
+    opts = [f"--{k}={getattr(args, k)}" for k in GPT_OPTIONS + ("threads",)]
     got = {}
     for kind in KINDS:  # each in a fresh process: peak RSS never carries over
         p = subprocess.run([sys.executable, "-m", "zohpc.bench", "memory", "--measure", kind, *opts],
@@ -127,9 +111,5 @@ def run(comm, args) -> int:
         "spsa_step_over_floor": spsa["spsa_step_seconds"] / spsa["spsa_floor_seconds"],
         "adam_step_seconds": adam["adam_step_seconds"],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:24s} {v}")
+    emit(result, args.json)
     return 0

@@ -16,7 +16,6 @@ checks its predictions against it).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -30,6 +29,7 @@ from ..stop import StopRequest
 from ..zo import Coordinates, QueryEngine
 from ..timing import clock_name
 from ..zo.costs import calibrated_costs
+from .report import emit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +120,5 @@ def run(comm, args) -> int:
         "stop_check": {"step_seconds_without": plain, "step_seconds_with": checked,
                        "ratio": checked / plain},
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:24s} {v}")
+    emit(result, args.json)
     return 0

@@ -21,16 +21,12 @@ import time
 
 import torch
 
+from .report import GPT_OPTIONS, add_gpt_options, emit, gpt_problem
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zohpc.bench spsa", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--queries", type=int, default=2)
+    add_gpt_options(p, layers=2, width=256, heads=4, vocab=8192, batch=8, seq=128, queries=2)
     p.add_argument("--steps", type=int, default=5, help="steps (the first is a warm-up, not timed)")
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)  # one run under mpiexec
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,17 +41,13 @@ def params_digest(params) -> str:
 
 
 def worker(comm, args) -> dict:
-    from ..models.gpt import GPT, GPTConfig, lm_loss
+    from ..models.gpt import lm_loss
     from ..optim import SPSA
     from ..steps.spsa import SPSAStep
     from ..zo.objective import Objective
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab=args.vocab, context=args.seq, layers=args.layers, heads=args.heads, width=args.width))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    model, x, y = gpt_problem(args)
     opt = SPSA(model, lr=1e-4, mu=1e-3, queries=args.queries, difference="central", comm=comm)
     step = SPSAStep(comm, model, opt, Objective(loss=lm_loss, name="lm"), check_every=1)
     times = []
@@ -83,8 +75,7 @@ def run(comm, args) -> int:
         return 0
     if not comm.is_driver:
         return 0
-    opts = [f"--{k}={getattr(args, k)}" for k in ("layers", "width", "heads", "vocab", "batch", "seq", "queries",
-                                                  "steps")]
+    opts = [f"--{k}={getattr(args, k)}" for k in GPT_OPTIONS + ("steps",)]
     env = dict(os.environ, OMP_NUM_THREADS="1", ZOHPC_THREADS="1")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,9 +93,5 @@ def run(comm, args) -> int:
               "seconds_per_step_1rank": one["seconds_per_step"], "seconds_per_step_2ranks": two["seconds_per_step"],
               "speedup_2ranks": one["seconds_per_step"] / two["seconds_per_step"],
               "params_identical": one["digest"] == two["digest"]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:24s} {v}")
+    emit(result, args.json)
     return 0

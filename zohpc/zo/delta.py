@@ -6,7 +6,8 @@ difference Δ = value(θ + μe) - value(θ) (float32), and :data:`DELTA_PATHS` g
 difference form:
 
 * low precision (zohpc.zo.lowp, TF32 or bf16 operands, float32 accumulation): convolutions
-  and linear layers, ``Δ_out = W Δ_in`` (their bias cancels); these carry the FLOPs;
+  and linear layers, ``Δ_out = W Δ_in`` (their bias cancels); these carry the FLOPs, and
+  run on the executor's own paths, which take the mode's products when ``g.delta`` is set;
 * exact in float32 (linear or bilinear, no cancellation): reshapes, slices, padding (with
   zeros), identity and average pooling, add/sub, ``Δ(ab) = Δa b + a Δb + Δa Δb``,
   ``Δ(a/b) = (Δa b - a Δb) / (b (b + Δb))``, ReLU as ``max(Δ, -h)`` where ``h > 0``,
@@ -144,40 +145,6 @@ def _like(rep, t):
 
 # ---- the paths ---------------------------------------------------------------------------------
 
-def _conv_chan(g, n, how, reps, Q, last):
-    a = n.args[0]
-    r, mod = reps[a], g.modules[n.target]
-    out, flops = K.chan_conv(g.env[a], g.env[n], r.v, mod.weight, block_index(g, r), mod.padding, mod.stride,
-                             mod.dilation, Q, g.channels_last, bmm=g.delta.lowp.bmm)
-    g.flops += flops
-    return Full(out, own=True)
-
-
-def _conv_full(g, n, how, reps, Q, last):
-    a = n.args[0]
-    mod = g.modules[n.target]
-    t = materialize(g, a, reps[a], Q)
-    out = g.delta.lowp.conv(mod, t)
-    g.flops += 2 * t.shape[0] * mod.weight.numel() * out[0, 0].numel()
-    return Full(out, own=True)
-
-
-def _linear_chan(g, n, how, reps, Q, last):
-    a = n.args[0]
-    r, mod = reps[a], g.modules[n.target]
-    out, flops = K.chan_linear(g.env[n], r.v, mod.weight, block_index(g, r), Q, bmm=g.delta.lowp.bmm)
-    g.flops += flops
-    return Full(out, own=True)
-
-
-def _linear_full(g, n, how, reps, Q, last):
-    a = n.args[0]
-    mod = g.modules[n.target]
-    t = materialize(g, a, reps[a], Q)
-    g.flops += 2 * (t.numel() // t.shape[-1]) * mod.weight.numel()
-    return Full(g.delta.lowp.linear(t, mod.weight), own=True)
-
-
 def _bn(g, n, how, reps, Q, last):
     a = n.args[0]
     r, mod = reps[a], g.modules[n.target]
@@ -288,12 +255,11 @@ def _generic(g, n, how, reps, Q, last, override=None):
     return Per(vals)
 
 
-DELTA_PATHS = {"conv_chan": _conv_chan, "conv_full": _conv_full, "linear_chan": _linear_chan,
-               "linear_full": _linear_full, "bn_chan": _bn, "bn_full": _bn, "chanwise": _chanwise,
-               "binary_chan": _binary_chan, "binary_full": _binary_full, "rowwise": _rowwise, "generic": _generic}
-for _how in ("flatten_chan", "flatten_full", "getitem_full", "getitem_chan", "getitem_mat", "getitem_tuple",
-             "pad_full", "pad_chan", "pad_shift", "pad_mat"):
-    DELTA_PATHS[_how] = PATHS[_how]  # shape ops are linear: the same kernels move differences (zeros padded)
+DELTA_PATHS = {"bn_chan": _bn, "bn_full": _bn, "chanwise": _chanwise, "binary_chan": _binary_chan,
+               "binary_full": _binary_full, "rowwise": _rowwise, "generic": _generic}
+for _how in ("conv_chan", "conv_full", "linear_chan", "linear_full", "flatten_chan", "flatten_full", "getitem_full",
+             "getitem_chan", "getitem_mat", "getitem_tuple", "pad_full", "pad_chan", "pad_shift", "pad_mat"):
+    DELTA_PATHS[_how] = PATHS[_how]  # linear ops: the executor's own paths move differences (zohpc.zo.executor)
 assert set(DELTA_PATHS) == set(PATHS), "every kernel path needs its difference form"
 
 

@@ -62,12 +62,33 @@ def run_generic(g, n, how, reps, Q, last=(), override=None):
     return Per(vals)
 
 
-def _conv_chan(g, n, how, reps, Q, last):
+def _block_delta(g, a, r: Chan, Q):
+    """A Chan rep's change of its blocks, (Q*B, s, ...): its value less the cached block, or
+    the rep itself in a delta mode (where it already holds the difference)."""
+    if g.delta is not None:
+        return r.v
+    return K.chan_delta(g.env[a], r.v, block_index(g, r), r.s, Q)
+
+
+def _product(g):
+    """The delta mode's low-precision batched product (its output is the difference alone), or None."""
+    return None if g.delta is None else g.delta.lowp.bmm
+
+
+# The conv and linear paths serve both modes: in a delta mode they move differences (no
+# cached output added, no bias, the mode's low-precision products; zohpc.zo.delta).
+
+def _chan_product(g, n, how, reps, Q, last):
+    """conv_chan, linear_chan: the cached output plus the input blocks' change times the
+    weight's matching slice, all copies in one batched matmul."""
     a = n.args[0]
     r, mod = reps[a], g.modules[n.target]
-    delta = K.chan_delta(g.env[a], r.v, block_index(g, r), r.s, Q)  # (Q*B, s, H, W)
-    out, flops = K.chan_conv(g.env[a], g.env[n], delta, mod.weight, block_index(g, r), mod.padding, mod.stride,
-                             mod.dilation, Q, g.channels_last)
+    delta, index = _block_delta(g, a, r, Q), block_index(g, r)
+    if how == "conv_chan":
+        out, flops = K.chan_conv(g.env[a], g.env[n], delta, mod.weight, index, mod.padding, mod.stride,
+                                 mod.dilation, Q, g.channels_last, bmm=_product(g))
+    else:
+        out, flops = K.chan_linear(g.env[n], delta, mod.weight, index, Q, bmm=_product(g))
     g.flops += flops
     return Full(out, own=True)
 
@@ -76,17 +97,8 @@ def _conv_full(g, n, how, reps, Q, last):
     a = n.args[0]
     mod = g.modules[n.target]
     t = materialize(g, a, reps[a], Q)
-    w = mod.weight
-    g.flops += 2 * t.shape[0] * w.numel() * math.prod(g.env[n].shape[2:])
-    return Full(mod(t), own=True)
-
-
-def _linear_chan(g, n, how, reps, Q, last):
-    a = n.args[0]
-    r, mod = reps[a], g.modules[n.target]
-    delta = K.chan_delta(g.env[a], r.v, block_index(g, r), r.s, Q)
-    out, flops = K.chan_linear(g.env[n], delta, mod.weight, block_index(g, r), Q)
-    g.flops += flops
+    out = mod(t) if g.delta is None else g.delta.lowp.conv(mod, t)
+    g.flops += 2 * t.shape[0] * mod.weight.numel() * math.prod(out.shape[2:])
     return Full(out, own=True)
 
 
@@ -94,8 +106,8 @@ def _linear_full(g, n, how, reps, Q, last):
     a = n.args[0]
     mod = g.modules[n.target]
     t = materialize(g, a, reps[a], Q)
-    g.flops += 2 * t.shape[0] * mod.weight.numel()
-    return Full(mod(t), own=True)
+    g.flops += 2 * (t.numel() // t.shape[-1]) * mod.weight.numel()  # every row: (Q*B, ..., in)
+    return Full(mod(t) if g.delta is None else g.delta.lowp.linear(t, mod.weight), own=True)
 
 
 def _bn_chan(g, n, how, reps, Q, last):
@@ -229,7 +241,7 @@ def _rowwise(g, n, how, reps, Q, last):
     return Full(g.call(n, args, kwargs), own=True)
 
 
-PATHS = {"conv_chan": _conv_chan, "conv_full": _conv_full, "linear_chan": _linear_chan, "linear_full": _linear_full,
+PATHS = {"conv_chan": _chan_product, "conv_full": _conv_full, "linear_chan": _chan_product, "linear_full": _linear_full,
          "bn_chan": _bn_chan, "bn_full": _bn_full, "chanwise": _chanwise, "flatten_chan": _flatten_chan,
          "flatten_full": _flatten_full, "binary_chan": _binary_chan, "binary_full": _binary_full,
          "getitem_full": _getitem, "getitem_chan": _getitem, "getitem_mat": _getitem, "getitem_tuple": _getitem,
@@ -284,10 +296,12 @@ def run_source(g, plan, n, how, flat, steps, Q, reps, override):
         cols = (j * dw)[:, None] + sw * torch.arange(Wo, device=dev)  # (Q, Wo)
         if B * Ho * Wo >= 4096:  # large slices: Q strided copies beat one gather
             o_l, cin_l, i_l, j_l = o.tolist(), cin.tolist(), i.tolist(), j.tolist()
+            cached, xpad = g.channel_planes(n, mod, Q)
+            start = cached if g.delta is None else out_base  # (a delta mode starts from zeros)
             for q in range(Q):
                 ih, jw = i_l[q] * dh, j_l[q] * dw
                 sl = xpad[:, cin_l[q], ih:ih + sh * (Ho - 1) + 1:sh, jw:jw + sw * (Wo - 1) + 1:sw]
-                torch.add(out_base[:, o_l[q]], sl, alpha=steps[q], out=v[q])
+                torch.add(start[:, o_l[q]], sl, alpha=steps[q], out=v[q])
             return Chan(o_l, 1, v.view(Q * B, 1, Ho, Wo), own=True)
         sl = xpad[:, cin[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, Q, Ho, Wo)
         st = torch.tensor(steps, dtype=v.dtype, device=dev).view(1, Q, 1, 1)

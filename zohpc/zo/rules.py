@@ -42,23 +42,24 @@ def _unary(g, n, rs):
     return a, rs.get(a)
 
 
-def rule_conv(g, n, rs):
-    a, r = _unary(g, n, rs)
-    if r is None or r == PER:
-        return GENERIC
+def _product_rule(kind: str, takes_blocks):
+    """The rule of a layer with a weight (conv, linear): its output is dense in every copy;
+    a one-block input takes the incremental ``<kind>_chan`` path where ``takes_blocks(g, n, a)``."""
+    def rule(g, n, rs):
+        a, r = _unary(g, n, rs)
+        if r is None or r == PER:
+            return GENERIC
+        return Decision(f"{kind}_chan" if is_chan(r) and takes_blocks(g, n, a) else f"{kind}_full", FULL)
+    return rule
+
+
+def _conv_takes_blocks(g, n, a) -> bool:
     mod = g.modules[n.target]
-    if is_chan(r) and mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
-        return Decision("conv_chan", FULL)
-    return Decision("conv_full", FULL)
+    return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
 
 
-def rule_linear(g, n, rs):
-    a, r = _unary(g, n, rs)
-    if r is None or r == PER:
-        return GENERIC
-    if is_chan(r) and g.env[a].dim() == 2:
-        return Decision("linear_chan", FULL)
-    return Decision("linear_full", FULL)
+rule_conv = _product_rule("conv", _conv_takes_blocks)
+rule_linear = _product_rule("linear", lambda g, n, a: g.env[a].dim() == 2)
 
 
 def rule_bn(g, n, rs):
