@@ -67,7 +67,7 @@ class ZOConfig:
 class PruneConfig:
     method: str = "zo_grasp"  # none | zo_grasp | grasp | random | magnitude
     sparsity: float = 0.5
-    mask_interval: int = 5  # epochs between fresh layer-wise random masks (0 = fixed mask)
+    mask_interval: int = 1  # epochs between fresh layer-wise random masks (0 = fixed mask); 1: see README "Sparse quality"
     masks_file: str = ""  # HDF5 mask file from `python -m zohpc.prune`
     queries: int = 192  # RGE directions for zo_grasp
     mu: float = 5e-3
