@@ -122,10 +122,7 @@ class Trainer:
         self.masks = MaskSchedule({n: p.shape for n, p in self.model.named_parameters()}, cfg.train.seed,
                                   cfg.prune.mask_interval)
         self.step_state: dict = {}  # the step object's state (CGE: its query costs), checkpointed
-        self.estimator = None
-        self.coords = None
-        self.current_draw = None
-        self.reuse_off_reason = None
+        self.estimator = self.coords = self.current_draw = self.reuse_off_reason = None
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
