@@ -2,7 +2,7 @@
 and one backprop Adam step on a GPT-2-small-sized model (124M parameters, batch 8 x 128
 tokens, float32, CPU), each measured in a fresh process (peak resident set size).
 
-SPSA (central differences, ``--queries`` directions) should stay within 1.10x of inference
+SPSA (``--difference`` central by default, ``--queries`` directions) should stay within 1.10x of inference
 (the perturbed weights exist only while a layer reads them); Adam needs parameters,
 gradients, two moments and the autograd activations. ``spsa_floor_seconds`` times the
 forwards an SPSA step needs, alone: ``spsa_step_seconds`` over it is the cost of
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zohpc.bench memory", description=__doc__.split("\n\n")[0])
     add_gpt_options(p, layers=12, width=768, heads=12, vocab=50257, batch=8, seq=128, queries=1,
                     queries_help="SPSA directions (central differences: 2 forwards each)")
+    p.add_argument("--difference", choices=("central", "forward"), default="central",
+                   help="SPSA's differences: central (MeZO; 2 perturbed forwards per direction) or forward "
+                        "(the base forward draws no noise)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)  # the child process
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -61,7 +64,7 @@ def measure(args) -> dict:
             float(lm_loss(model(x), y))
             out["forward_seconds"] = time.perf_counter() - t0
     elif args.measure == "spsa":
-        opt = SPSA(model, lr=1e-6, mu=1e-3, queries=args.queries, difference="central")
+        opt = SPSA(model, lr=1e-6, mu=1e-3, queries=args.queries, difference=args.difference)
 
         @torch.no_grad()
         def closure():
@@ -90,7 +93,7 @@ def run(comm, args) -> int:
         return 0
     if not comm.is_driver:
         return 0
-    opts = [f"--{k}={getattr(args, k)}" for k in GPT_OPTIONS + ("threads",)]
+    opts = [f"--{k}={getattr(args, k)}" for k in GPT_OPTIONS + ("threads", "difference")]
     got = {}
     for kind in KINDS:  # each in a fresh process: peak RSS never carries over
         p = subprocess.run([sys.executable, "-m", "zohpc.bench", "memory", "--measure", kind, *opts],
@@ -101,7 +104,7 @@ def run(comm, args) -> int:
     inf, spsa, adam = got["inference"], got["spsa"], got["adam"]
     result = {
         "bench": "memory", "params": inf["params"], "batch": args.batch, "seq": args.seq, "dtype": "float32",
-        "device": "cpu", "threads": args.threads or torch.get_num_threads(), "queries": args.queries,
+        "device": "cpu", "threads": args.threads or torch.get_num_threads(), "queries": args.queries, "difference": args.difference,
         "baseline_mb": round(inf["baseline_mb"], 1),
         "inference_peak_mb": round(inf["peak_mb"], 1), "spsa_step_peak_mb": round(spsa["peak_mb"], 1),
         "adam_step_peak_mb": round(adam["peak_mb"], 1),
