@@ -45,7 +45,7 @@ FULL = {"docs": 2000, "pretrain_epochs": 8, "pretrain_lr": 3e-3, "init_std": 0.2
         "pretrain_batch": 64,
         "hidden": 32, "layers": 2, "heads": 4,
         "train_size": 64, "val_size": 512, "test_size": 1024, "budget": 6000, "rank": 4, "alpha": 8.0,
-        "fo_steps": 60, "fo_lr": 1e-2, "spsa_lr": 1e-2, "spsa_queries": 2, "lizo_lr": 1.0, "lizo_n": 8,  # lrs: val sweep
+        "fo_steps": 600, "fo_lr": 1e-2, "spsa_lr": 5e-3, "spsa_queries": 2, "lizo_lr": 2.0, "lizo_n": 8,  # val sweeps
         "mu": 1e-3, "seed": 0}
 QUICK = dict(FULL, docs=300, pretrain_epochs=1, val_size=128, test_size=128, budget=120, fo_steps=4)
 TARGET = "q_proj|v_proj"
@@ -250,7 +250,7 @@ def plot(result: dict, path: str) -> None:
 
 
 
-SWEEP = {"spsa": (3e-3, 1e-2, 3e-2, 1e-1), "lizo": (0.3, 1.0, 3.0), "fo": (1e-3, 3e-3, 1e-2, 3e-2)}
+SWEEP = {"spsa": (2.5e-3, 5e-3, 1e-2, 2e-2), "lizo": (1.0, 2.0, 3.0), "fo": (3e-3, 1e-2, 3e-2)}
 
 
 def sweep(comm, out_dir: str, budget: int, methods=("spsa", "lizo", "fo")) -> list[dict]:
@@ -290,7 +290,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="zohpc.reproduce.peft_finetune")
     p.add_argument("what", choices=["sweep"])
-    p.add_argument("--budget", type=int, default=1500, help="queries per ZO run (default 1500)")
+    p.add_argument("--budget", type=int, default=FULL["budget"], help="queries per ZO run (default: the study's)")
     p.add_argument("--methods", default="spsa,lizo,fo")
     p.add_argument("--out", default="runs/reproduce/peft_finetune")
     args = p.parse_args(argv)
