@@ -179,3 +179,77 @@ def test_tiny_transformer_trains_by_sparse_cge_under_mpi_with_feature_reuse(tmp_
     with open(out / "metrics.jsonl") as fh:
         steps = [r for r in map(json.loads, fh) if r["event"] == "step"]
     assert len(steps) == 3 and all(r["free_queries"] > 0 for r in steps)
+
+
+def test_a_single_embedding_query_leaves_the_cache_intact():
+    """A pass of one copy (Q = 1) must write into its own tensor, never the cached output."""
+    m, x, y = _setup()
+    eng = QueryEngine(m, query_batch=1)
+    ref = FullForwardEngine(m, query_batch=1)
+    eng.prepare(x, y)
+    ref.prepare(x, y)
+    pi = eng.param_names.index("emb.weight")
+    token = int(x[0, 0])
+    for _ in range(2):  # the second query reads the cache the first one may have written
+        got = eng.query(pi, [token * D], [0.25])
+        assert torch.allclose(got, ref.query(pi, [token * D], [0.25]), rtol=1e-12, atol=0)
+
+
+def _token_transformer():
+    from zohpc.models.token_transformer import TokenTransformer
+
+    torch.manual_seed(0)
+    m = TokenTransformer(VOCAB, T, 3, dim=8, heads=2, layers=2, ff=16).double().train()
+    g = torch.Generator().manual_seed(2)
+    return m, torch.randint(0, USED, (6, T), generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def test_explicit_attention_blocks_reuse_features_from_the_perturbed_projection():
+    """TokenTransformer's blocks are plain ops: a query starts at the perturbed nn.Linear
+    (one output feature moved, no matmul), reshapes and attention run once per pass, and the
+    losses equal full forwards of the perturbed model."""
+    m, x, y = _token_transformer()
+    coords = Coordinates(m)
+    eng = QueryEngine(m, query_batch=7)
+    ref = FullForwardEngine(m, query_batch=7)
+    eng.prepare(x, y)
+    ref.prepare(x, y)
+    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
+                          rtol=1e-12, atol=0)
+    for name, plan in zip(eng.param_names, eng.plans):
+        if name.startswith("blocks.") and ".norm" not in name:
+            assert [plan.how[n] for n in plan.sources] == [f"source_lin_{name.rsplit('.', 1)[1][0]}_nd"], name
+            assert plan.copy_ops == 0, name
+        for n, how in plan.how.items():  # (pos is read by get_attr: its copies run one by one)
+            if name != "pos" and n.op == "call_method" and n.target in ("reshape", "transpose", "chunk"):
+                assert how == "rowwise", (name, n.name)
+    late = eng.plans[eng.param_names.index("blocks.1.fc2.weight")]
+    early = eng.plans[eng.param_names.index("blocks.0.qkv.weight")]
+    assert late.flops < early.flops / 4  # the last FFN weight re-runs only the block's tail
+
+
+def test_reshapes_that_touch_the_batch_dim_run_copy_by_copy():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, D)
+            self.lin = nn.Linear(D, D)
+            self.head = nn.Linear(T * D, 3)
+
+        def forward(self, x):
+            h = self.lin(self.emb(x))  # (B, T, D)
+            return self.head(h.transpose(0, 1).reshape(-1, T * D))  # samples mixed: the batch dim moved
+
+    torch.manual_seed(0)
+    m = Mixer().double()
+    x, y = torch.randint(0, USED, (T, T)), torch.randint(0, 3, (T,))  # batch == length: shapes cannot tell
+    coords = Coordinates(m)
+    eng = QueryEngine(m, query_batch=4)
+    ref = FullForwardEngine(m, query_batch=4)
+    eng.prepare(x, y)
+    ref.prepare(x, y)
+    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
+                          rtol=1e-12, atol=0)
+    plan = eng.plans[eng.param_names.index("lin.weight")]
+    hows = {n.name: plan.how[n] for n in plan.order if n.op == "call_method"}
+    assert hows == {"transpose": "generic", "reshape": "generic"}, hows

@@ -307,6 +307,8 @@ def run_source(g, plan, n, how, flat, steps, Q, reps, override):
         st = torch.tensor(steps, dtype=v.dtype, device=dev).view(1, Q, 1, 1)
         torch.addcmul(out_base[:, o], sl, st, out=v.permute(1, 0, 2, 3))
         return Chan(o.tolist(), 1, v.view(Q * B, 1, Ho, Wo), own=True)
+    if how in ("source_lin_w_nd", "source_lin_b_nd"):
+        return Full(K.linear_nd_entry(out_base, g.env[n.args[0]], flat, steps, how == "source_lin_w_nd"), own=True)
     if how in ("source_lin_w", "source_lin_b"):
         x = g.env[n.args[0]]
         B = out_base.shape[0]

@@ -127,8 +127,16 @@ def materialize(base, idx, s, v, Q, channels_last, zero=False):
 
 
 def repeat_copies(base, Q):
-    """Q copies of an unchanged batch tensor stacked along dim 0: (Q*B, ...)."""
+    """Q copies of an unchanged batch tensor stacked along dim 0: (Q*B, ...), to read only
+    (for Q = 1 it is a view of ``base``; :func:`fresh_copies` gives a tensor to write)."""
     return base.unsqueeze(0).expand(Q, *base.shape).reshape(Q * base.shape[0], *base.shape[1:])
+
+
+def fresh_copies(base, Q):
+    """Q copies of ``base`` stacked along dim 0 in a new tensor, (Q*B, ...), safe to write."""
+    out = torch.empty((Q * base.shape[0],) + tuple(base.shape[1:]), dtype=base.dtype, device=base.device)
+    out.view(Q, *base.shape).copy_(base.unsqueeze(0).expand(Q, *base.shape))
+    return out
 
 
 def chan_conv(x_base, out_base, delta, w, index, padding, stride, dilation, Q, channels_last, bmm=None):
@@ -221,6 +229,26 @@ def binop(op, vals, args, rs, last, tensor_of, out_shape=None):
     return op(*vals)
 
 
+def linear_nd_entry(out_base, x, flat, steps, weight):
+    """Output of Q copies of a linear layer on (B, ..., in) inputs whose weight entry flat[q]
+    (``weight``; else bias entry flat[q]) moved by steps[q]: (Q*B, ..., out).
+
+    Only output feature o changes, by step * x[..., c] (bias: by step); the rest is the
+    cached output, so a copy costs one copy of the output instead of a matmul.
+    """
+    Q, n_in = len(flat), x.shape[-1]
+    out = fresh_copies(out_base, Q)
+    view = out.view(Q, *out_base.shape)
+    for q, f in enumerate(flat):
+        o, c = (f // n_in, f % n_in) if weight else (f, None)
+        col = view[q][..., o]
+        if weight:
+            col.add_(x[..., c], alpha=steps[q])
+        else:
+            col.add_(steps[q])
+    return out
+
+
 def embedding_rows(out_base, tokens, rows, cols, steps):
     """Embedding output of Q copies whose table entry (rows[q], cols[q]) moved by steps[q]: (Q*B, ...).
 
@@ -228,7 +256,7 @@ def embedding_rows(out_base, tokens, rows, cols, steps):
     is the perturbed table entry itself, exactly what a lookup in the perturbed table gives.
     """
     Q = len(rows)
-    out = repeat_copies(out_base, Q)
+    out = fresh_copies(out_base, Q)
     view = out.view(Q, *out_base.shape)
     for q in range(Q):
         hit = tokens == rows[q]

@@ -11,6 +11,9 @@ method and its literal arguments):
   e.g. LayerNorm, softmax over a non-batch dim, scaled dot-product attention, PyTorch's
   batch-first multi-head attention and transformer encoder layers, reductions over non-batch
   dims: run once on the stacked copies;
+* ``reshape``: tensor methods that only rearrange each sample (``view``/``reshape`` with a
+  literal -1 first, ``transpose``/``permute``/``chunk``/``split`` away from dim 0): run once
+  on the stacked copies, so a model written with explicit attention keeps its reuse;
 * ``embedding``: a lookup table (its weight has an incremental rule: one row, one column);
 * ``generic``: anything else, run copy by copy (always correct).
 """
@@ -35,7 +38,7 @@ CHANWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, 
                       F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                       F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                       F.adaptive_max_pool3d}
-CHANWISE_METHODS = {"relu", "sigmoid", "tanh"}
+CHANWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 BINARY = {operator.add: torch.add, operator.iadd: torch.add, torch.add: torch.add,
           operator.sub: torch.sub, operator.isub: torch.sub, torch.sub: torch.sub,
           operator.mul: torch.mul, operator.imul: torch.mul, torch.mul: torch.mul,
@@ -45,6 +48,7 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "softmax", "log_softmax"}
+RESHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split"}
 
 
 def _literal_dims(v) -> tuple | None:
@@ -125,6 +129,8 @@ def classify(n: fx.Node, modules: dict) -> str:
             return "binary"
         if n.target in _REDUCE_METHODS:
             return "rowwise" if _keeps_batch(_literal_dims(_dim_arg(n, 1))) else "generic"
+        if n.target in RESHAPE_METHODS:
+            return "reshape"  # (whether it keeps the batch in dim 0 needs the shapes: its rule)
         return "generic"
     return n.op  # placeholder, get_attr, output
 
@@ -146,4 +152,4 @@ def batch_args(n: fx.Node, modules: dict) -> set:
 
 
 __all__ = ["BINARY", "BINARY_METHODS", "BN_TYPES", "CHANWISE_FUNCTIONS", "CHANWISE_METHODS", "CHANWISE_MODULES",
-           "batch_args", "classify"]
+           "RESHAPE_METHODS", "batch_args", "classify"]

@@ -167,8 +167,48 @@ def _batch_dim_ok(g, n) -> bool:
     return all(d % nd != 0 for d in dims)
 
 
+def _keeps_dim0(g, n) -> bool:
+    """A reshape-kind method that leaves dim 0 (the batch) where it is and each sample whole:
+    ``view``/``reshape`` whose first size is a literal -1 (and the batch size stays first),
+    ``transpose``/``permute`` that never move dim 0, ``chunk``/``split`` along another dim."""
+    x, rest = n.args[0], n.args[1:]
+    nd = g.env[x].dim() if _is_tensor(g.env.get(x)) else 0
+    if nd < 2:
+        return False
+    t = n.target
+    if t in ("view", "reshape"):
+        sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        out = g.env[n]
+        return (not n.kwargs and len(sizes) > 1 and sizes[0] == -1 and _is_tensor(out) and out.dim() > 1
+                and out.shape[0] == g.env[x].shape[0])
+    if t == "transpose":
+        dims = list(rest) + [n.kwargs.get(k) for k in ("dim0", "dim1") if k in n.kwargs]
+        return len(dims) == 2 and all(isinstance(d, int) and d % nd != 0 for d in dims)
+    if t == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        return not n.kwargs and len(dims) == nd and all(isinstance(d, int) for d in dims) and dims[0] % nd == 0
+    if t in ("chunk", "split"):
+        dim = rest[1] if len(rest) > 1 else n.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % nd != 0 and isinstance(rest[0] if rest else None, int)
+    return False
+
+
+def rule_reshape(g, n, rs):
+    """Per-sample rearrangements: run once on the stacked copies (a one-channel input is
+    materialized first); anything that could touch the batch dim goes copy by copy."""
+    if not _keeps_dim0(g, n):
+        return GENERIC
+    return _stacked(g, n, rs)
+
+
 def rule_rowwise(g, n, rs):
     """Ops whose sample i depends only on input sample i: run once on the stacked copies."""
+    if not _batch_dim_ok(g, n):
+        return GENERIC
+    return _stacked(g, n, rs)
+
+
+def _stacked(g, n, rs):
     B = g.batch
     carry = batch_args(n, g.modules)
     items = list(enumerate(n.args)) + list(n.kwargs.items())
@@ -187,14 +227,14 @@ def rule_rowwise(g, n, rs):
     out = g.env[n]
     ok_out = _is_tensor(out) and out.dim() > 0 and out.shape[0] == B
     ok_out = ok_out or (isinstance(out, tuple) and _is_tensor(out[0]) and out[0].shape[0] == B)
-    if not ok_out or not _batch_dim_ok(g, n):
+    if not ok_out:
         return GENERIC
     return Decision("rowwise", FULL)
 
 
 RULES = {"conv": rule_conv, "linear": rule_linear, "bn": rule_bn, "chanwise": rule_chanwise,
          "flatten": rule_flatten, "binary": rule_binary, "getitem": rule_getitem, "pad": rule_pad,
-         "rowwise": rule_rowwise}
+         "rowwise": rule_rowwise, "reshape": rule_reshape}
 
 
 def decide(g, n, rs) -> Decision:
@@ -214,6 +254,8 @@ def decide_source(g, plan, n, rs) -> Decision:
     out = g.env[n]
     if incremental:
         if plan.kind in ("lin_w", "lin_b") and out.dim() != 2:
+            if out.dim() > 2 and out.shape[0] == g.batch and n.op == "call_module":
+                return Decision(f"source_{plan.kind}_nd", FULL)  # (B, ..., out): one output feature moves
             incremental = False
         elif plan.kind == "emb_w":
             if _is_tensor(out) and out.dim() > 0 and out.shape[0] == g.batch:

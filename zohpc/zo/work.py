@@ -151,7 +151,7 @@ def _generic_cost(w, n, rs, d):
 
 def _source_cost(w, n, rs, d):
     kind = d.how[len("source_"):]
-    if kind == "emb":
+    if kind in ("emb", "lin_w_nd", "lin_b_nd"):
         w.add(moves=2 * w.numel(n))
     elif kind in ("generic", "stacked"):
         _generic_cost(w, n, rs, d)
