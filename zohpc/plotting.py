@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 
 from .errors import UserError
 
@@ -38,3 +39,16 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def figure(path: str, panels: int = 1, size: tuple = (6.4, 4.2)):
+    """``with figure(path, 2, (11, 4)) as (fig, (ax0, ax1)):`` panels side by side; on a
+    normal exit the figure is written atomically to ``path``; it is closed either way."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, panels, figsize=size)
+    try:
+        yield fig, axes
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..seeding import derive_seed
+from ..plotting import figure
 
 PAPER = {
     "source": "ReLIZO (Wang et al., NeurIPS 2024): black-box adversarial attacks",
@@ -411,27 +412,22 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in METHODS:
-        ax.plot(result["curve_budgets"], [100 * v for v in result["methods"][m]["curve"]], label=LABELS[m])
-    ax.axvline(result["budget"], color="0.6", lw=0.8, ls="--")
-    ax.axhline(100 * result["white_box_success_rate"], color="0.3", lw=0.8, ls=":", label="white box (ceiling)")
-    ax.set_xlabel("query budget per image")
-    ax.set_ylabel("attack success rate (%)")
-    ax.set_title(f"black-box attack on digits, L-inf {result['epsilon']}")
-    ax.legend(fontsize=8)
-    for m in METHODS:  # why: the step's alignment with the true descent direction against its length
-        rows = sorted((e for e in result["tuning"][m] if e.get("alignment") is not None),
-                      key=lambda e: e["step_length"])
-        ax2.plot([e["step_length"] for e in rows], [e["alignment"] for e in rows], marker="o", label=LABELS[m])
-    ax2.set_xscale("log")
-    ax2.set_xlabel("mean step length |s| in w (tuning images, one point per lr)")
-    ax2.set_ylabel("mean cos(step, true descent direction)")
-    ax2.set_title("step alignment (white-box gradient, not a query)")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 2, (11, 4)) as (fig, (ax, ax2)):
+        for m in METHODS:
+            ax.plot(result["curve_budgets"], [100 * v for v in result["methods"][m]["curve"]], label=LABELS[m])
+        ax.axvline(result["budget"], color="0.6", lw=0.8, ls="--")
+        ax.axhline(100 * result["white_box_success_rate"], color="0.3", lw=0.8, ls=":", label="white box (ceiling)")
+        ax.set_xlabel("query budget per image")
+        ax.set_ylabel("attack success rate (%)")
+        ax.set_title(f"black-box attack on digits, L-inf {result['epsilon']}")
+        ax.legend(fontsize=8)
+        for m in METHODS:  # why: the step's alignment with the true descent direction against its length
+            rows = sorted((e for e in result["tuning"][m] if e.get("alignment") is not None),
+                          key=lambda e: e["step_length"])
+            ax2.plot([e["step_length"] for e in rows], [e["alignment"] for e in rows], marker="o", label=LABELS[m])
+        ax2.set_xscale("log")
+        ax2.set_xlabel("mean step length |s| in w (tuning images, one point per lr)")
+        ax2.set_ylabel("mean cos(step, true descent direction)")
+        ax2.set_title("step alignment (white-box gradient, not a query)")
+        ax2.legend(fontsize=8)
+        fig.tight_layout()

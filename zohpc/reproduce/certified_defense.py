@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from ..plotting import figure
+
 PAPER = {
     "source": "DeepZero (Chen et al., ICLR 2024), ImageNet-10, sigma = 0.25",
     "radii": [0.0, 0.25, 0.5, 0.75],
@@ -196,25 +198,20 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in METHODS:
-        if m not in result["curves"]:
-            continue
-        ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m], color=COLORS[m])
-        ax.plot(result["radii"], [100 * v for v in result["certified_accuracy"][m]], "o", color=COLORS[m])
-    ax.set_xlabel("L2 radius ([0, 1] pixels)")
-    ax.set_ylabel("certified accuracy (%)")
-    ax.set_title(f"digits, sigma {result['sigma']}, n {result['n']}")
-    ax.legend()
-    for m in ("fo_ds", "zo_ds", "zo_ae_ds"):
-        bx.plot(PAPER["radii"], PAPER["certified_accuracy"][m], "o-", label=PAPER_LABELS[m], color=COLORS[m])
-    bx.set_xlabel("L2 radius")
-    bx.set_ylabel("certified accuracy (%)")
-    bx.set_title("paper: ImageNet-10, sigma 0.25")
-    bx.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 2, (10, 4)) as (fig, (ax, bx)):
+        for m in METHODS:
+            if m not in result["curves"]:
+                continue
+            ax.plot(result["curve_radii"], [100 * v for v in result["curves"][m]], label=LABELS[m], color=COLORS[m])
+            ax.plot(result["radii"], [100 * v for v in result["certified_accuracy"][m]], "o", color=COLORS[m])
+        ax.set_xlabel("L2 radius ([0, 1] pixels)")
+        ax.set_ylabel("certified accuracy (%)")
+        ax.set_title(f"digits, sigma {result['sigma']}, n {result['n']}")
+        ax.legend()
+        for m in ("fo_ds", "zo_ds", "zo_ae_ds"):
+            bx.plot(PAPER["radii"], PAPER["certified_accuracy"][m], "o-", label=PAPER_LABELS[m], color=COLORS[m])
+        bx.set_xlabel("L2 radius")
+        bx.set_ylabel("certified accuracy (%)")
+        bx.set_title("paper: ImageNet-10, sigma 0.25")
+        bx.legend()
+        fig.tight_layout()

@@ -25,7 +25,7 @@ from ..data import load_digits_raw, normalize
 from ..models.cnn import AdjustableCNN
 from ..seeding import derive_seed
 from ..tasks import Task
-from ..plotting import pyplot, save_figure
+from ..plotting import figure
 from ._common import train_backprop
 
 PAPER = {
@@ -176,20 +176,17 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    plt = pyplot()
     rows = result["rows"]
     n = [r["params"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, name, style in (("fo", "FO", "o-"), ("cge", "CGE", "s-"), ("rge", "RGE", "^-")):
-        ax1.plot(n, [r[key] for r in rows], style, label=f"{name} (digits)")
-        ax1.plot(PAPER["params"], PAPER[key], style, alpha=0.35, label=f"{name} (paper, CIFAR-10)")
-    ax1.set_xlabel("parameters")
-    ax1.set_ylabel("test accuracy %")
-    ax1.legend(fontsize=7)
-    ax2.plot(n, [r["cge_no_reuse_seconds"] / r["cge_seconds"] for r in rows], "s-", label="here")
-    ax2.plot([PAPER["params"][-1]], [PAPER["reuse_speedup_at_12610"]], "r*", ms=12, label="paper")
-    ax2.set_xlabel("parameters")
-    ax2.set_ylabel("CGE time without / with feature reuse")
-    ax2.legend()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 2, (11, 4)) as (fig, (ax1, ax2)):
+        for key, name, style in (("fo", "FO", "o-"), ("cge", "CGE", "s-"), ("rge", "RGE", "^-")):
+            ax1.plot(n, [r[key] for r in rows], style, label=f"{name} (digits)")
+            ax1.plot(PAPER["params"], PAPER[key], style, alpha=0.35, label=f"{name} (paper, CIFAR-10)")
+        ax1.set_xlabel("parameters")
+        ax1.set_ylabel("test accuracy %")
+        ax1.legend(fontsize=7)
+        ax2.plot(n, [r["cge_no_reuse_seconds"] / r["cge_seconds"] for r in rows], "s-", label="here")
+        ax2.plot([PAPER["params"][-1]], [PAPER["reuse_speedup_at_12610"]], "r*", ms=12, label="paper")
+        ax2.set_xlabel("parameters")
+        ax2.set_ylabel("CGE time without / with feature reuse")
+        ax2.legend()

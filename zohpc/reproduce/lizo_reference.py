@@ -21,6 +21,8 @@ import torch
 
 from ..optim import LIZO
 
+from ..plotting import figure
+
 PAPER = {
     "source": "public ReLIZO code (Thinklab-SJTU/ReLIZO), its quadratic test with its own settings",
     "quadratic50": {"f_ratio": 3.5e-9, "queries": 2080, "fresh": 1780, "base": 300},
@@ -119,25 +121,20 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, label in (("quadratic50", "zohpc LIZO (reuse)"), ("no_reuse", "zohpc LIZO (no reuse)")):
-        curve = result[key]["curve"]
-        ax.semilogy([c[0] for c in curve], [c[1] for c in curve], label=label)
-    ref = PAPER["quadratic50"]
-    ax.semilogy([ref["queries"]], [ref["f_ratio"]], "k*", markersize=10, label="ReLIZO reference (end)")
-    ax.axhline(PAPER["goal"]["f_ratio"], color="grey", lw=0.6, ls=":")
-    ax.axvline(PAPER["goal"]["queries"], color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("queries")
-    ax.set_ylabel("f / f0")
-    ax.set_title("LIZO on the ReLIZO reference quadratic (d = 50)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 1, (6.4, 4.2)) as (fig, ax):
+        for key, label in (("quadratic50", "zohpc LIZO (reuse)"), ("no_reuse", "zohpc LIZO (no reuse)")):
+            curve = result[key]["curve"]
+            ax.semilogy([c[0] for c in curve], [c[1] for c in curve], label=label)
+        ref = PAPER["quadratic50"]
+        ax.semilogy([ref["queries"]], [ref["f_ratio"]], "k*", markersize=10, label="ReLIZO reference (end)")
+        ax.axhline(PAPER["goal"]["f_ratio"], color="grey", lw=0.6, ls=":")
+        ax.axvline(PAPER["goal"]["queries"], color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("queries")
+        ax.set_ylabel("f / f0")
+        ax.set_title("LIZO on the ReLIZO reference quadratic (d = 50)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
 
 
 __all__ = ["PAPER", "run", "table", "plot", "quadratic", "solve"]

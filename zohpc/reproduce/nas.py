@@ -48,6 +48,8 @@ from ..seeding import derive_seed
 from ..tasks.cell_search import EDGES, OPS, DiscreteNet, SearchNet, genotype, genotype_names
 from ._common import train_backprop
 
+from ..plotting import figure
+
 PAPER = {
     "source": "ReLIZO (Wang et al., NeurIPS 2024): neural architecture search with LIZO as the "
               "architecture optimizer (their code is the base of EasyNAS)",
@@ -384,34 +386,29 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
-    ms = result["methods"]
-    for i, m in enumerate(METHODS):
-        r = ms[m]
-        accs = [100 * p["accuracy"] for p in r["per_seed"]]
-        ax0.bar(i, 100 * r["accuracy"], yerr=None if r["accuracy_se"] is None else 100 * r["accuracy_se"],
-                color=f"C{i}", alpha=0.6, capsize=4)
-        ax0.plot([i] * len(accs), accs, "k.", ms=4)
-    ax0.set_xticks(range(len(METHODS)))
-    ax0.set_xticklabels([LABELS[m] for m in METHODS], rotation=20, ha="right", fontsize=8)
-    lo = min(100 * p["accuracy"] for m in METHODS for p in ms[m]["per_seed"])
-    ax0.set_ylim(max(0.0, lo - 3), 100)
-    ax0.set_ylabel("test accuracy of the retrained cell (%)")
-    ax0.set_title(f"{len(result['seeds'])} seed(s), {result['budget']} queries")
-    for i, m in enumerate(METHODS):
-        curve = result["curves_seed0"].get(m) or []
-        if curve and m != "darts":
-            ax1.plot([c[0] for c in curve], [c[1] for c in curve], color=f"C{i}", label=LABELS[m])
-    ax1.set_xlabel("validation queries")
-    ax1.set_ylabel("validation loss (random: best so far)")
-    ax1.set_title("search, seed 0")
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 2, (10, 4)) as (fig, (ax0, ax1)):
+        ms = result["methods"]
+        for i, m in enumerate(METHODS):
+            r = ms[m]
+            accs = [100 * p["accuracy"] for p in r["per_seed"]]
+            ax0.bar(i, 100 * r["accuracy"], yerr=None if r["accuracy_se"] is None else 100 * r["accuracy_se"],
+                    color=f"C{i}", alpha=0.6, capsize=4)
+            ax0.plot([i] * len(accs), accs, "k.", ms=4)
+        ax0.set_xticks(range(len(METHODS)))
+        ax0.set_xticklabels([LABELS[m] for m in METHODS], rotation=20, ha="right", fontsize=8)
+        lo = min(100 * p["accuracy"] for m in METHODS for p in ms[m]["per_seed"])
+        ax0.set_ylim(max(0.0, lo - 3), 100)
+        ax0.set_ylabel("test accuracy of the retrained cell (%)")
+        ax0.set_title(f"{len(result['seeds'])} seed(s), {result['budget']} queries")
+        for i, m in enumerate(METHODS):
+            curve = result["curves_seed0"].get(m) or []
+            if curve and m != "darts":
+                ax1.plot([c[0] for c in curve], [c[1] for c in curve], color=f"C{i}", label=LABELS[m])
+        ax1.set_xlabel("validation queries")
+        ax1.set_ylabel("validation loss (random: best so far)")
+        ax1.set_title("search, seed 0")
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
 
 
 __all__ = ["PAPER", "METHODS", "run", "table", "plot", "search", "retrain", "load_data", "Budget"]

@@ -37,6 +37,8 @@ import torch
 
 from ..data import epoch_batches
 
+from ..plotting import figure
+
 PAPER = {"source": "ReLIZO (NeurIPS 2024): parameter-efficient fine-tuning of LLMs as an application; "
                    "MeZO (SPSA) as the ZO baseline",
          "claim": "LIZO with reuse >= SPSA at equal queries; every ZO method above zero-shot"}
@@ -233,19 +235,14 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from ..plotting import pyplot, save_figure
-
-    plt = pyplot()
     keys = ["zero_shot", "fo", "spsa", "lizo", "lizo_no_reuse"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.bar(keys, [100 * result["methods"].get(k, {}).get("accuracy", 0.0) for k in keys],
-           color=["grey", "k", "C0", "C1", "C2"])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("LoRA fine-tuning at equal query budget")
-    ax.set_ylim(0, 100)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 1, (6.4, 3.6)) as (fig, ax):
+        ax.bar(keys, [100 * result["methods"].get(k, {}).get("accuracy", 0.0) for k in keys],
+               color=["grey", "k", "C0", "C1", "C2"])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("LoRA fine-tuning at equal query budget")
+        ax.set_ylim(0, 100)
+        fig.tight_layout()
 
 
 

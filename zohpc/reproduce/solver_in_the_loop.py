@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..tasks import burgers
-from ..plotting import pyplot, save_figure
+from ..plotting import figure
 from ._common import train_backprop
 
 PAPER = {"mae": {"src": 0.180, "non": 0.153, "zo_sol": 0.119, "fo_sol": 0.074}}
@@ -220,22 +220,19 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = list(METHODS) + ([GRAY] if GRAY[0] in result["mae_per_step"] else [])
-    for key, name in rows:
-        ax1.plot(result["mae_per_step"][key], label=f"{name} ({result['mae'][key]:.4f})")
-    ax1.set_xlabel("coarse step")
-    ax1.set_ylabel("mean absolute error")
-    ax1.set_title("test rollouts vs fine-grid reference")
-    ax1.legend()
-    sample = result["sample_final_state"]
-    ax2.plot(sample["reference"], "k-", lw=2, label="reference")
-    for key, name in rows:
-        ax2.plot(sample[key], label=name)
-    ax2.set_xlabel("coarse cell")
-    ax2.set_ylabel("u")
-    ax2.set_title("test trajectory 0 at the last step")
-    ax2.legend()
-    save_figure(fig, path)
-    plt.close(fig)
+    with figure(path, 2, (11, 4)) as (fig, (ax1, ax2)):
+        rows = list(METHODS) + ([GRAY] if GRAY[0] in result["mae_per_step"] else [])
+        for key, name in rows:
+            ax1.plot(result["mae_per_step"][key], label=f"{name} ({result['mae'][key]:.4f})")
+        ax1.set_xlabel("coarse step")
+        ax1.set_ylabel("mean absolute error")
+        ax1.set_title("test rollouts vs fine-grid reference")
+        ax1.legend()
+        sample = result["sample_final_state"]
+        ax2.plot(sample["reference"], "k-", lw=2, label="reference")
+        for key, name in rows:
+            ax2.plot(sample[key], label=name)
+        ax2.set_xlabel("coarse cell")
+        ax2.set_ylabel("u")
+        ax2.set_title("test trajectory 0 at the last step")
+        ax2.legend()

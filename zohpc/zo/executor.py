@@ -195,6 +195,26 @@ def _binary_full(g, n, how, reps, Q, last):
     return Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
 
 
+def _binary_param(g, n, how, reps, Q, last):
+    """op(batch operand, parameter copies): the Q perturbed parameters stacked as (Q, 1.., *shape)
+    broadcast against the operands viewed as (Q, B, ...) (an unchanged one as (1, B, ...))."""
+    out_base = g.env[n]
+    vals = []
+    for a in n.args:
+        r = reps.get(a) if isinstance(a, fx.Node) else None
+        if not isinstance(a, fx.Node):
+            vals.append(a)
+        elif isinstance(r, Per):
+            p = torch.stack(r.vals)
+            vals.append(p.view(Q, *([1] * (out_base.dim() + 1 - p.dim())), *p.shape[1:]))
+        elif r is None:
+            vals.append(g.env[a].unsqueeze(0))
+        else:
+            vals.append(materialize(g, a, r, Q).view(Q, *g.env[a].shape))
+    res = _binary_op(n)(*vals)
+    return Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
+
+
 def _getitem(g, n, how, reps, Q, last):
     a, index = n.args[0], n.args[1]
     r = reps[a]
@@ -244,9 +264,9 @@ def _rowwise(g, n, how, reps, Q, last):
 PATHS = {"conv_chan": _chan_product, "conv_full": _conv_full, "linear_chan": _chan_product, "linear_full": _linear_full,
          "bn_chan": _bn_chan, "bn_full": _bn_full, "chanwise": _chanwise, "flatten_chan": _flatten_chan,
          "flatten_full": _flatten_full, "binary_chan": _binary_chan, "binary_full": _binary_full,
-         "getitem_full": _getitem, "getitem_chan": _getitem, "getitem_mat": _getitem, "getitem_tuple": _getitem,
-         "pad_full": _pad, "pad_chan": _pad, "pad_shift": _pad, "pad_mat": _pad, "rowwise": _rowwise,
-         "generic": run_generic}
+         "binary_param": _binary_param, "getitem_full": _getitem, "getitem_chan": _getitem,
+         "getitem_mat": _getitem, "getitem_tuple": _getitem, "pad_full": _pad, "pad_chan": _pad,
+         "pad_shift": _pad, "pad_mat": _pad, "rowwise": _rowwise, "generic": run_generic}
 
 
 def run_source(g, plan, n, how, flat, steps, Q, reps, override):

@@ -168,9 +168,10 @@ def _no_cost(w, n, rs, d):
 COSTS = {"conv_chan": _unary_cost, "conv_full": _unary_cost, "linear_chan": _unary_cost,
          "linear_full": _unary_cost, "bn_chan": _unary_cost, "bn_full": _unary_cost, "chanwise": _unary_cost,
          "flatten_chan": _no_cost, "flatten_full": _unary_cost, "binary_chan": _binary_cost,
-         "binary_full": _binary_cost, "getitem_full": _no_cost, "getitem_chan": _no_cost, "getitem_tuple": _no_cost,
-         "getitem_mat": _shape_cost, "pad_full": _shape_cost, "pad_chan": _shape_cost, "pad_shift": _shape_cost,
-         "pad_mat": _shape_cost, "rowwise": _rowwise_cost, "generic": _generic_cost}
+         "binary_full": _binary_cost, "binary_param": _binary_cost, "getitem_full": _no_cost,
+         "getitem_chan": _no_cost, "getitem_tuple": _no_cost, "getitem_mat": _shape_cost, "pad_full": _shape_cost,
+         "pad_chan": _shape_cost, "pad_shift": _shape_cost, "pad_mat": _shape_cost, "rowwise": _rowwise_cost,
+         "generic": _generic_cost}
 """What each decision costs per copy (the cost table): decision ``how`` -> function adding its work."""
 
 
