@@ -203,18 +203,23 @@ def _token_transformer():
     return m, torch.randint(0, USED, (6, T), generator=g), torch.randint(0, 3, (6,), generator=g)
 
 
+def _engine_equal_to_full_forwards(m, x, y, q):
+    """The QueryEngine of ``m``, prepared, after checking every coordinate's loss against a full forward."""
+    coords = Coordinates(m)
+    eng, ref = QueryEngine(m, query_batch=q), FullForwardEngine(m, query_batch=q)
+    eng.prepare(x, y)
+    ref.prepare(x, y)
+    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
+                          rtol=1e-12, atol=0)
+    return eng
+
+
 def test_explicit_attention_blocks_reuse_features_from_the_perturbed_projection():
     """TokenTransformer's blocks are plain ops: a query starts at the perturbed nn.Linear
     (one output feature moved, no matmul), reshapes and attention run once per pass, and the
     losses equal full forwards of the perturbed model."""
     m, x, y = _token_transformer()
-    coords = Coordinates(m)
-    eng = QueryEngine(m, query_batch=7)
-    ref = FullForwardEngine(m, query_batch=7)
-    eng.prepare(x, y)
-    ref.prepare(x, y)
-    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
-                          rtol=1e-12, atol=0)
+    eng = _engine_equal_to_full_forwards(m, x, y, 7)
     for name, plan in zip(eng.param_names, eng.plans):
         if name.startswith("blocks.") and ".norm" not in name:
             assert [plan.how[n] for n in plan.sources] == [f"source_lin_{name.rsplit('.', 1)[1][0]}_nd"], name
@@ -244,13 +249,7 @@ def test_reshapes_that_touch_the_batch_dim_run_copy_by_copy():
     torch.manual_seed(0)
     m = Mixer().double()
     x, y = torch.randint(0, USED, (T, T)), torch.randint(0, 3, (T,))  # batch == length: shapes cannot tell
-    coords = Coordinates(m)
-    eng = QueryEngine(m, query_batch=4)
-    ref = FullForwardEngine(m, query_batch=4)
-    eng.prepare(x, y)
-    ref.prepare(x, y)
-    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
-                          rtol=1e-12, atol=0)
+    eng = _engine_equal_to_full_forwards(m, x, y, 4)
     plan = eng.plans[eng.param_names.index("lin.weight")]
     hows = {n.name: plan.how[n] for n in plan.order if n.op == "call_method"}
     assert hows == {"transpose": "generic", "reshape": "generic"}, hows

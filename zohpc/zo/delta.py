@@ -189,12 +189,18 @@ def _binary_chan(g, n, how, reps, Q, last):
 
 
 def _binary_full(g, n, how, reps, Q, last):
+    """Δ of a binary op on stacked operands; a per-copy operand (``binary_param``: a perturbed
+    parameter read by get_attr) enters as its Δ stacked (Q, 1.., *shape)."""
     out_base = g.env[n]
     bases, deltas = [], []
     for a in n.args:
         r = reps.get(a) if isinstance(a, fx.Node) else None
         bases.append(g.env[a] if isinstance(a, fx.Node) else a)
-        deltas.append(None if r is None else materialize(g, a, r, Q).view(Q, *g.env[a].shape))
+        if isinstance(r, Per):
+            d = torch.stack(r.vals)
+            deltas.append(d.view(Q, *([1] * (out_base.dim() + 1 - d.dim())), *d.shape[1:]))
+        else:
+            deltas.append(None if r is None else materialize(g, a, r, Q).view(Q, *g.env[a].shape))
     d = binary_delta(_binary_op(n), bases, deltas).expand(Q, *out_base.shape)
     return Full(d.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
 
@@ -256,29 +262,11 @@ def _generic(g, n, how, reps, Q, last, override=None):
 
 
 DELTA_PATHS = {"bn_chan": _bn, "bn_full": _bn, "chanwise": _chanwise, "binary_chan": _binary_chan,
-               "binary_full": _binary_full, "rowwise": _rowwise, "generic": _generic}
+               "binary_full": _binary_full, "binary_param": _binary_full, "rowwise": _rowwise, "generic": _generic}
 for _how in ("conv_chan", "conv_full", "linear_chan", "linear_full", "flatten_chan", "flatten_full", "getitem_full",
              "getitem_chan", "getitem_mat", "getitem_tuple", "pad_full", "pad_chan", "pad_shift", "pad_mat"):
     DELTA_PATHS[_how] = PATHS[_how]  # linear ops: the executor's own paths move differences (zohpc.zo.executor)
 
-
-def _binary_param(g, n, how, reps, Q, last):
-    """Δ of op(batch operand, parameter copies): the parameter's Δ stacked (Q, 1.., *shape)."""
-    out_base = g.env[n]
-    bases, deltas = [], []
-    for a in n.args:
-        r = reps.get(a) if isinstance(a, fx.Node) else None
-        bases.append(g.env[a] if isinstance(a, fx.Node) else a)
-        if isinstance(r, Per):
-            d = torch.stack(r.vals)
-            deltas.append(d.view(Q, *([1] * (out_base.dim() + 1 - d.dim())), *d.shape[1:]))
-        else:
-            deltas.append(None if r is None else materialize(g, a, r, Q).view(Q, *g.env[a].shape))
-    d = binary_delta(_binary_op(n), bases, deltas).expand(Q, *out_base.shape)
-    return Full(d.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
-
-
-DELTA_PATHS["binary_param"] = _binary_param
 assert set(DELTA_PATHS) == set(PATHS), "every kernel path needs its difference form"
 
 
