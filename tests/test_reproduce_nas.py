@@ -124,18 +124,20 @@ def test_budget_is_spread_over_the_phases():
     assert [b.allowance(k) for k in (0, 4, 8)] == [40, 80, 100]
 
 
-def test_study_quick_two_ranks(tmp_path):
-    proc = run_ranks(2, ["-m", "zohpc.reproduce", "nas", "--quick", "--json", "--out", str(tmp_path)], timeout=300)
+def test_study_quick_more_ranks_than_seeds(tmp_path):
+    """Three ranks for the two quick seeds: one rank idles, rank 0 still reports seed 0's curves."""
+    proc = run_ranks(3, ["-m", "zohpc.reproduce", "nas", "--quick", "--json", "--out", str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["methods"]) == {"lizo", "lizo_no_reuse", "zo_sgd", "random", "darts"}
     budget = result["budget"]
     for m, r in result["methods"].items():
         assert 0.0 <= r["accuracy"] <= 1.0 and len(r["genotype"]) == EDGES
-        assert len(r["per_seed"]) == len(result["seeds"]) == 2  # one seed per rank, gathered on rank 0
+        assert len(r["per_seed"]) == len(result["seeds"]) == 2  # gathered on rank 0
         if m != "darts":
             assert budget - result["samples_per_step"] - 1 < r["queries"] <= budget
     assert result["methods"]["random"]["queries"] == budget
     assert isinstance(result["goal"]["met"], bool)
+    assert set(result["curves_seed0"]) >= {"lizo", "zo_sgd"} and all(result["curves_seed0"].values())
     for name in ("nas.json", "nas.txt", "nas.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -178,6 +178,23 @@ def test_spsa_tied_weight_is_drawn_once_per_forward_after_the_first(monkeypatch)
     assert torch.equal(outs[0], outs[1])
 
 
+def test_spsa_closure_with_several_forwards_holds_no_weight():
+    """Micro-batches: a closure that calls the model twice reads every weight twice per
+    closure but once per forward, so nothing is held across forwards (inference memory)."""
+    from zohpc.models.gpt import GPT, GPTConfig
+    from zohpc.zo import spsa
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=16, context=8, layers=1, heads=2, width=8))
+    tokens = torch.randint(0, 16, (4, 8))
+    reread = {}
+    for _ in range(2):
+        with torch.no_grad(), spsa.perturbed(model, (1, 2), 3, 1e-2, reread):
+            model(tokens[:2])
+            model(tokens[2:])
+    assert reread == {id(model.wte.weight): 2}  # the tied embedding alone, as with one forward
+
+
 SPSA = TINY[:3] + ["task.d_model=16", "task.ff=32", "task.layers=2", "task.seq_len=8", "task.train_size=64",
                    "task.test_size=32", "data.batch_size=32", "zo.estimator=spsa", "zo.difference=central",
                    "zo.spsa_queries=2", "zo.mu=0.001", "optim.lr=0.01", "optim.momentum=0.9", "zo.spsa_check_every=1"]

@@ -10,7 +10,8 @@ j, parameter) (:mod:`zohpc.zo.spsa`) and ``d_j = (f(θ + μz_j) − f(θ)) / μ`
 queries and come back bit for bit.
 
 Given a Module, the perturbed weights exist only while a layer reads them (parameters + one
-inference forward + the largest weight). Given plain parameters, each query swaps in a
+inference forward + the largest weight; a weight one forward reads twice, a tied embedding, is
+held from its first read to its last). Given plain parameters, each query swaps in a
 perturbed copy of every parameter (one extra copy of the parameters). Momentum keeps one
 buffer per parameter, Adam (``betas``) two: 2x or 3x the parameters, as backprop's optimizers.
 

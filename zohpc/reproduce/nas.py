@@ -280,7 +280,9 @@ def run(comm, out_dir: str, quick: bool) -> dict:
     data = load_data(s["val_size"])
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
     seeds = list(range(s["seeds"]))
-    bounds = contiguous_split(len(seeds), size)
+    # the larger blocks first, so rank 0 always holds seed 0 (whose curves it reports), even
+    # with more ranks than seeds
+    bounds = [len(seeds) - b for b in reversed(contiguous_split(len(seeds), size))]
     width = len(METHODS) * (len(FIELDS) + EDGES)
     local, curves = [], {}
     for i in range(bounds[rank], bounds[rank + 1]):

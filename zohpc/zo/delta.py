@@ -261,8 +261,15 @@ def _generic(g, n, how, reps, Q, last, override=None):
     return Per(vals)
 
 
+def _generic_stacked(g, n, how, reps, Q, last):
+    """Copy by copy in float64 (:func:`_generic`), the differences stacked along dim 0."""
+    rep = _generic(g, n, how, reps, Q, last)
+    return None if rep is None else Full(torch.cat(rep.vals), own=True)
+
+
 DELTA_PATHS = {"bn_chan": _bn, "bn_full": _bn, "chanwise": _chanwise, "binary_chan": _binary_chan,
-               "binary_full": _binary_full, "binary_param": _binary_full, "rowwise": _rowwise, "generic": _generic}
+               "binary_full": _binary_full, "binary_param": _binary_full, "rowwise": _rowwise, "generic": _generic,
+               "generic_stacked": _generic_stacked}
 for _how in ("conv_chan", "conv_full", "linear_chan", "linear_full", "flatten_chan", "flatten_full", "getitem_full",
              "getitem_chan", "getitem_mat", "getitem_tuple", "pad_full", "pad_chan", "pad_shift", "pad_mat"):
     DELTA_PATHS[_how] = PATHS[_how]  # linear ops: the executor's own paths move differences (zohpc.zo.executor)

@@ -2,7 +2,8 @@
 
 How (DESIGN.md, "feature reuse" and "incremental first layer", done per layer for any model):
 
-* The model is traced once with torch.fx into a graph of ops, each classified into an
+* The model is traced once with torch.fx (zohpc.zo.tracing: PyTorch's transformer encoder
+  layers opened up into their ops) into a graph of ops, each classified into an
   operation kind (zohpc.zo.ops). ``prepare`` runs one unperturbed forward and caches every
   intermediate value.
 * A query perturbs one scalar of one parameter P. Only the nodes downstream of P's consumer
@@ -45,6 +46,7 @@ from .kernels import batch_norm, padded_conv_input, perturbed_params
 from .objective import Objective
 from .ops import classify
 from .plans import Plan, make_plan
+from .tracing import trace
 from .reps import Chan, Full, Per
 from .work import plan_work
 
@@ -110,7 +112,7 @@ class QueryEngine(NodeInterpreter, FeatureCache, EngineBase):
         self.max_elements = int(max_elements) if max_elements else (2 ** 27 if self.device.type != "cpu" else 2 ** 22)
         self.channels_last = bool(channels_last)
         try:
-            gm = fx.symbolic_trace(model)
+            gm = trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is a model the engine cannot plan
             raise ConfigError(f"torch.fx cannot trace model {name}: {_first_line(exc)}") from None
         self.graph = gm.graph

@@ -62,6 +62,11 @@ def run_generic(g, n, how, reps, Q, last=(), override=None):
     return Per(vals)
 
 
+def run_generic_stacked(g, n, how, reps, Q, last=()):
+    """Copy by copy (:func:`run_generic`), then the copies stacked along dim 0."""
+    return Full(torch.cat(run_generic(g, n, how, reps, Q, last).vals), own=True)
+
+
 def _block_delta(g, a, r: Chan, Q):
     """A Chan rep's change of its blocks, (Q*B, s, ...): its value less the cached block, or
     the rep itself in a delta mode (where it already holds the difference)."""
@@ -266,7 +271,8 @@ PATHS = {"conv_chan": _chan_product, "conv_full": _conv_full, "linear_chan": _ch
          "flatten_full": _flatten_full, "binary_chan": _binary_chan, "binary_full": _binary_full,
          "binary_param": _binary_param, "getitem_full": _getitem, "getitem_chan": _getitem,
          "getitem_mat": _getitem, "getitem_tuple": _getitem, "pad_full": _pad, "pad_chan": _pad,
-         "pad_shift": _pad, "pad_mat": _pad, "rowwise": _rowwise, "generic": run_generic}
+         "pad_shift": _pad, "pad_mat": _pad, "rowwise": _rowwise, "generic": run_generic,
+         "generic_stacked": run_generic_stacked}
 
 
 def run_source(g, plan, n, how, flat, steps, Q, reps, override):

@@ -8,11 +8,12 @@ method and its literal arguments):
   one-channel delta confined to its channel;
 * ``flatten``, ``binary``, ``getitem``, ``pad``: shape and arithmetic ops with their own rules;
 * ``rowwise``: ops whose output sample i depends on input sample i only (dim 0 is the batch),
-  e.g. LayerNorm, softmax over a non-batch dim, scaled dot-product attention, PyTorch's
+  e.g. LayerNorm, softmax over a non-batch dim, scaled dot-product attention, ``F.linear``, PyTorch's
   batch-first multi-head attention and transformer encoder layers, reductions over non-batch
   dims: run once on the stacked copies;
 * ``reshape``: tensor methods that only rearrange each sample (``view``/``reshape`` with a
-  literal -1 first, ``transpose``/``permute``/``chunk``/``split`` away from dim 0): run once
+  literal -1 first, ``transpose``/``permute``/``chunk``/``split``/``flatten``/``unflatten``
+  away from dim 0): run once
   on the stacked copies, so a model written with explicit attention keeps its reuse;
 * ``embedding``: a lookup table (its weight has an incremental rule: one row, one column);
 * ``generic``: anything else, run copy by copy (always correct).
@@ -48,7 +49,7 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "softmax", "log_softmax"}
-RESHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split"}
+RESHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split", "flatten", "unflatten"}
 
 
 def _literal_dims(v) -> tuple | None:
@@ -115,8 +116,8 @@ def classify(n: fx.Node, modules: dict) -> str:
             return "rowwise"
         if t in _SOFTMAX or t in _REDUCE_FUNCTIONS:
             return "rowwise" if _keeps_batch(_literal_dims(_dim_arg(n, 1))) else "generic"
-        if t is F.scaled_dot_product_attention:
-            return "rowwise"
+        if t is F.scaled_dot_product_attention or t is F.linear:
+            return "rowwise"  # (F.linear of a bare weight: a perturbed weight is stacked by its rule)
         if t is F.embedding and n.kwargs.get("max_norm") is None and len(n.args) <= 2:
             return "embedding"
         return "generic"

@@ -30,7 +30,7 @@ class Decision(NamedTuple):
 
 
 GENERIC = Decision("generic", PER)
-PER_COPY = {"generic", "source_generic", "source_stacked"}  # paths that dispatch an op once per copy
+PER_COPY = {"generic", "generic_stacked", "source_generic", "source_stacked"}  # paths that dispatch an op once per copy
 
 
 def _is_tensor(v) -> bool:
@@ -173,7 +173,7 @@ def rule_pad(g, n, rs):
 
 def _batch_dim_ok(g, n) -> bool:
     """Literal reduction/softmax dims never name the batch dim of the node's input."""
-    if n.op == "call_module" or n.target in (F.scaled_dot_product_attention, F.layer_norm):
+    if n.op == "call_module" or n.target in (F.scaled_dot_product_attention, F.layer_norm, F.linear):
         return True
     dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if dims is None:
@@ -203,6 +203,12 @@ def _keeps_dim0(g, n) -> bool:
     if t == "permute":
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         return not n.kwargs and len(dims) == nd and all(isinstance(d, int) for d in dims) and dims[0] % nd == 0
+    if t == "unflatten":
+        dim = rest[0] if rest else n.kwargs.get("dim")
+        return isinstance(dim, int) and dim % nd != 0
+    if t == "flatten":
+        start = rest[0] if rest else n.kwargs.get("start_dim", 0)
+        return isinstance(start, int) and start % nd != 0
     if t in ("chunk", "split"):
         dim = rest[1] if len(rest) > 1 else n.kwargs.get("dim", 0)
         return isinstance(dim, int) and dim % nd != 0 and isinstance(rest[0] if rest else None, int)
@@ -253,10 +259,23 @@ RULES = {"conv": rule_conv, "linear": rule_linear, "bn": rule_bn, "chanwise": ru
          "rowwise": rule_rowwise, "reshape": rule_reshape}
 
 
+def _reads_parameter_copies(g, n, rs) -> bool:
+    """A node that reads a perturbed parameter's copies (a ``get_attr`` source: ``F.linear``
+    of a bare weight) and has a batch-shaped tensor value: run copy by copy, then stacked."""
+    out = g.env[n]
+    if not _is_tensor(out) or out.dim() == 0 or out.shape[0] != g.batch:
+        return False
+    per = [a for a in n.all_input_nodes if rs.get(a) == PER]
+    return bool(per) and all(a.op == "get_attr" for a in per)
+
+
 def decide(g, n, rs) -> Decision:
     """The decision for downstream node ``n`` given the kinds ``rs`` (node -> kind) of a query."""
     rule = RULES.get(g.kind[n])
-    return rule(g, n, rs) if rule is not None else GENERIC
+    d = rule(g, n, rs) if rule is not None else GENERIC
+    if d is GENERIC and _reads_parameter_copies(g, n, rs):
+        return Decision("generic_stacked", FULL)  # (the copies stacked again: what follows runs once)
+    return d
 
 
 # sources: the node that consumes the perturbed parameter

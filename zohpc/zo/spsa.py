@@ -108,13 +108,24 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: dict |
     """Inside, the model computes at ``θ + scale·z_j`` over its trainable parameters; the
     stored parameters are untouched (see the module docstring). Not re-entrant.
 
-    ``reread``: a dict the caller keeps across passes. A parameter that one pass reads more
-    than once (a tied weight: GPT's embedding is read again by its output layer) is recorded
-    with its number of reads, and later passes compute its perturbed value once and hold it
-    until its last read, instead of drawing its noise again at every read (same values)."""
+    ``reread``: a dict the caller keeps across passes. A parameter that one forward of
+    ``model`` reads more than once (a tied weight: GPT's embedding is read again by its output
+    layer) is recorded with its number of reads, and later forwards compute its perturbed
+    value once and hold it until its last read, instead of drawing its noise again at every
+    read (same values). Reads are counted per call of ``model`` itself (a closure that runs
+    several forwards, micro-batches, holds nothing across them)."""
     index = {id(p): i for i, p in enumerate(trainable(model))}
     reads: dict = {}
     held: dict = {}
+
+    def remember():
+        if reread is not None:
+            reread.update((k, n) for k, n in reads.items() if n > 1)
+
+    def new_forward(_module, _args):
+        remember()
+        reads.clear()
+        held.clear()
 
     def value(p):
         key = id(p)
@@ -129,6 +140,7 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: dict |
         return v
 
     swapped = []
+    hook = model.register_forward_pre_hook(new_forward)
     for mod in model.modules():
         names = tuple(n for n, p in mod._parameters.items() if p is not None and id(p) in index)
         if not names:
@@ -141,12 +153,12 @@ def perturbed(model: nn.Module, seed_parts, j: int, scale: float, reread: dict |
     try:
         yield
     finally:
+        hook.remove()
         for mod, cls in swapped:
             mod.__class__ = cls
             del mod._zohpc_perturb
         held.clear()
-        if reread is not None:
-            reread.update((k, n) for k, n in reads.items() if n > 1)
+        remember()
 
 
 @torch.no_grad()

@@ -76,6 +76,9 @@ def rowwise_flops(g, n) -> int:
     if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
         q, k = env[n.args[0]], env[n.args[1]]
         return 2 * q.numel() * k.shape[-2]
+    if n.op == "call_function" and n.target is F.linear:
+        w = env[n.args[1]] if isinstance(n.args[1], fx.Node) else n.args[1]
+        return env[n].numel() * w.shape[-1]
     return 0
 
 
@@ -149,6 +152,11 @@ def _generic_cost(w, n, rs, d):
     w.op(n)
 
 
+def _generic_stacked_cost(w, n, rs, d):
+    _generic_cost(w, n, rs, d)
+    w.add(moves=w.numel(n))  # the copies stacked
+
+
 def _source_cost(w, n, rs, d):
     kind = d.how[len("source_"):]
     if kind in ("emb", "lin_w_nd", "lin_b_nd"):
@@ -171,7 +179,7 @@ COSTS = {"conv_chan": _unary_cost, "conv_full": _unary_cost, "linear_chan": _una
          "binary_full": _binary_cost, "binary_param": _binary_cost, "getitem_full": _no_cost,
          "getitem_chan": _no_cost, "getitem_tuple": _no_cost, "getitem_mat": _shape_cost, "pad_full": _shape_cost,
          "pad_chan": _shape_cost, "pad_shift": _shape_cost, "pad_mat": _shape_cost, "rowwise": _rowwise_cost,
-         "generic": _generic_cost}
+         "generic": _generic_cost, "generic_stacked": _generic_stacked_cost}
 """What each decision costs per copy (the cost table): decision ``how`` -> function adding its work."""
 
 
@@ -194,7 +202,7 @@ def plan_work(g, plan) -> None:
         (_source_cost if n in plan.sources else COSTS[d.how])(w, n, rs, d)
         rs[n] = plan.reps[n] = d.out
         plan.how[n] = d.how
-        if d.how in PER_COPY:
+        if d.how in PER_COPY and n.op != "get_attr":  # (a get_attr source hands each copy its parameter)
             plan.copy_ops += 1
         else:
             plan.pass_ops += 1

@@ -1,0 +1,91 @@
+"""How the engine reads a model: torch.fx tracing, with PyTorch's transformer layers opened up.
+
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are single modules to torch.fx
+(their forwards branch on tensor properties to pick fused kernels), so a perturbed weight
+inside one re-runs the whole layer for every copy. Where a layer is used plainly (batch-first
+self-attention with packed projections, no masks, no dropout, no extra key/value biases),
+:class:`EngineTracer` records the arithmetic of the layer's training-mode forward op by op,
+from the layer's own submodules and parameters: a query then starts at the perturbed
+projection and re-runs only what follows it. Anything else stays one module (still correct,
+reused at the layer's granularity). The engine computes its base loss through the same graph,
+so a query and the base round alike.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """A TransformerEncoderLayer whose training-mode arithmetic :func:`_encoder_layer` repeats."""
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        return False
+    a = layer.self_attn
+    params = a._parameters  # (not getattr: while tracing, reading a parameter records a node)
+    dropouts = [m.p for m in (layer.dropout, layer.dropout1, layer.dropout2) if isinstance(m, nn.Dropout)]
+    return (a.batch_first and a._qkv_same_embed_dim and params.get("in_proj_weight") is not None
+            and params.get("bias_k") is None and params.get("bias_v") is None and not a.add_zero_attn
+            and a.dropout == 0.0 and all(p == 0.0 for p in dropouts))
+
+
+def _self_attention(attn: nn.MultiheadAttention, x):
+    """``attn(x, x, x, need_weights=False)[0]`` for batch-first x (B, T, E), op by op."""
+    heads = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, attn.embed_dim // heads)).transpose(1, 2) for t in (q, k, v))
+    return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, x):
+    """The layer's forward without masks (its dropouts are p = 0: identities)."""
+    def ff(h):
+        return layer.linear2(layer.activation(layer.linear1(h)))
+
+    if layer.norm_first:
+        x = x + _self_attention(layer.self_attn, layer.norm1(x))
+        return x + ff(layer.norm2(x))
+    x = layer.norm1(x + _self_attention(layer.self_attn, x))
+    return layer.norm2(x + ff(x))
+
+
+def _only_input(args, kwargs, first: str, absent: tuple):
+    """The input when a layer is called with it alone (other arguments None or False), else None."""
+    rest = dict(zip(absent, args[1:])) if len(args) <= 1 + len(absent) else None
+    if rest is None or not (args or first in kwargs) or (args and first in kwargs):
+        return None
+    rest.update({k: v for k, v in kwargs.items() if k != first})
+    if set(rest) - set(absent) or any(v is not None and v is not False for v in rest.values()):
+        return None
+    return args[0] if args else kwargs[first]
+
+
+class EngineTracer(fx.Tracer):
+    """torch.fx's tracer, with plain transformer encoder layers (and encoders of them) opened up."""
+
+    def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, nn.TransformerEncoderLayer) and _plain_layer(m):
+            x = _only_input(args, kwargs, "src", ("src_mask", "src_key_padding_mask", "is_causal"))
+            if x is not None:
+                return _encoder_layer(m, x)
+        if isinstance(m, nn.TransformerEncoder) and all(_plain_layer(layer) for layer in m.layers):
+            x = _only_input(args, kwargs, "src", ("mask", "src_key_padding_mask", "is_causal"))
+            if x is not None:
+                for layer in m.layers:
+                    x = _encoder_layer(layer, x)
+                return x if m.norm is None else m.norm(x)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The model's graph for the engine (raises what torch.fx raises on an untraceable model)."""
+    tracer = EngineTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph)
+    gm.graph.eliminate_dead_code()  # (no plan may count an unused node as a consumer)
+    gm.recompile()
+    return gm
+
+
+__all__ = ["EngineTracer", "trace"]
