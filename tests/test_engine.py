@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from zohpc.errors import UserError
 from zohpc.models import MODEL_NAMES, build_model
-from zohpc.zo import Coordinates, QueryEngine, cge, check_deterministic
+from zohpc.zo import Coordinates, FullForwardEngine, QueryEngine, cge, check_deterministic
 
 CASES = [
     ("digits_cnn", (1, 8, 8), 16),
@@ -423,3 +423,45 @@ def test_import_installs_no_warning_filter():
             "import zohpc, zohpc.zo, zohpc.zo.engine, "
             "zohpc.zo.costs, zohpc.bench.engine; assert warnings.filters == before, warnings.filters[:3]")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class _ViewNet(nn.Module):
+    """A small CNN whose head reads its features through ``view``/``reshape`` idioms."""
+
+    def __init__(self, idiom):
+        super().__init__()
+        self.idiom = idiom
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        if self.idiom == "view_size0":
+            h = h.view(h.size(0), -1)
+        elif self.idiom == "reshape_shape0":
+            h = h.reshape(h.shape[0], -1)
+        elif self.idiom == "view_minus1":
+            h = h.view(-1, 4 * 6 * 6)
+        else:  # "view_size0_dims"
+            h = h.view(h.size(0), 4, 36).flatten(1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("idiom", ["view_size0", "reshape_shape0", "view_minus1", "view_size0_dims"])
+def test_view_idioms_on_channels_last_activations(idiom):
+    """``x.view(...)`` of a conv output works although the engine keeps activations channels-last,
+    and ``x.view(x.size(0), -1)`` keeps the one-channel path into the linear layer."""
+    torch.manual_seed(0)
+    m = _ViewNet(idiom).double()
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    coords = Coordinates(m)
+    eng, ref = QueryEngine(m, query_batch=4), FullForwardEngine(m, query_batch=4)
+    eng.prepare(x, y)
+    ref.prepare(x, y)
+    assert torch.allclose(eng.losses(coords, 0, coords.total, 1e-3), ref.losses(coords, 0, coords.total, 1e-3),
+                          rtol=1e-12, atol=0)
+    plan = eng.plans[eng.param_names.index("conv.weight")]
+    if idiom in ("view_size0", "reshape_shape0"):
+        assert "linear_chan" in plan.how.values() and plan.copy_ops == 0
+    assert plan.copy_ops == 0

@@ -59,7 +59,10 @@ class NodeInterpreter:
         if n.op == "call_method":
             if n.target.endswith("_") and isinstance(args[0], torch.Tensor):
                 args = (args[0].clone(),) + tuple(args[1:])
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
+            name = n.target
+            if name == "view" and not any(isinstance(a, torch.dtype) for a in args[1:]) and "dtype" not in kwargs:
+                name = "reshape"  # the same values; a view may not fit the engine's channels-last strides
+            return getattr(args[0], name)(*args[1:], **kwargs)
         raise RuntimeError(f"cannot run node {n.op}")
 
     @torch.no_grad()

@@ -9,9 +9,14 @@ from the layer's own submodules and parameters: a query then starts at the pertu
 projection and re-runs only what follows it. Anything else stays one module (still correct,
 reused at the layer's granularity). The engine computes its base loss through the same graph,
 so a query and the base round alike.
+
+The CNN idiom ``x.view(x.size(0), -1)`` is rewritten to ``x.flatten(1)`` (the same values): a
+size read from the cached batch cannot describe a pass of many stacked copies.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch.fx as fx
 import torch.nn as nn
@@ -78,11 +83,42 @@ class EngineTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def _own_batch_size(node, x) -> bool:
+    """``node`` computes ``x.size(0)`` or ``x.shape[0]`` (the batch size of the tensor x itself)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target == "size" and node.args[:1] == (x,):
+        return (node.args[1:] == (0,) and not node.kwargs) or (len(node.args) == 1 and node.kwargs == {"dim": 0})
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        return isinstance(src, fx.Node) and src.args[:1] == (x,) and (
+            (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+            or (src.op == "call_method" and src.target == "size" and len(src.args) == 1 and not src.kwargs))
+    return False
+
+
+def _batch_first_views(graph: fx.Graph) -> None:
+    """``x.view(x.size(0), -1)`` (or ``reshape``, or ``x.shape[0]``) becomes ``x.flatten(1)``, and
+    ``x.view(x.size(0), a, b)`` becomes ``x.view(-1, a, b)``: the same values, without a size
+    that would name the cached batch in a query of many stacked copies."""
+    for n in graph.nodes:
+        if n.op != "call_method" or n.target not in ("view", "reshape") or n.kwargs or len(n.args) < 3:
+            continue
+        x, first, rest = n.args[0], n.args[1], n.args[2:]
+        if not _own_batch_size(first, x):
+            continue
+        if rest == (-1,):
+            n.target, n.args = "flatten", (x, 1)
+        elif all(isinstance(r, int) and r >= 0 for r in rest):
+            n.args = (x, -1) + tuple(rest)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The model's graph for the engine (raises what torch.fx raises on an untraceable model)."""
     tracer = EngineTracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
+    _batch_first_views(gm.graph)
     gm.graph.eliminate_dead_code()  # (no plan may count an unused node as a consumer)
     gm.recompile()
     return gm
