@@ -217,9 +217,13 @@ def _keeps_dim0(g, n) -> bool:
 
 def rule_reshape(g, n, rs):
     """Per-sample rearrangements: run once on the stacked copies (a one-channel input is
-    materialized first); anything that could touch the batch dim goes copy by copy."""
+    materialized first); anything that could touch the batch dim goes copy by copy. A
+    ``view``/``reshape`` to (batch, everything else) is a flatten: its rule keeps one channel."""
     if not _keeps_dim0(g, n):
         return GENERIC
+    x, out = g.env[n.args[0]], g.env[n]
+    if n.target in ("view", "reshape") and x.dim() > 2 and _is_tensor(out) and out.dim() == 2:
+        return rule_flatten(g, n, rs)
     return _stacked(g, n, rs)
 
 
