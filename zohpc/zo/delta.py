@@ -197,8 +197,7 @@ def _binary_full(g, n, how, reps, Q, last):
         r = reps.get(a) if isinstance(a, fx.Node) else None
         bases.append(g.env[a] if isinstance(a, fx.Node) else a)
         if isinstance(r, Per):
-            d = torch.stack(r.vals)
-            deltas.append(d.view(Q, *([1] * (out_base.dim() + 1 - d.dim())), *d.shape[1:]))
+            deltas.append(K.parameter_copies(r.vals, Q, out_base.dim()))
         else:
             deltas.append(None if r is None else materialize(g, a, r, Q).view(Q, *g.env[a].shape))
     d = binary_delta(_binary_op(n), bases, deltas).expand(Q, *out_base.shape)

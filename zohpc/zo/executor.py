@@ -185,6 +185,8 @@ def _binary_chan(g, n, how, reps, Q, last):
 
 
 def _binary_full(g, n, how, reps, Q, last):
+    """The op on stacked operands (Q, B, ...); an unchanged one broadcasts, and a perturbed
+    parameter's copies (``binary_param``: read by get_attr) enter as (Q, 1.., *shape)."""
     args = n.args
     rs = [reps.get(a) if isinstance(a, fx.Node) else None for a in args]
     out_base = g.env[n]
@@ -194,29 +196,12 @@ def _binary_full(g, n, how, reps, Q, last):
             vals.append(a)
         elif r is None:
             vals.append(g.env[a])
-        else:
-            vals.append(materialize(g, a, r, Q).view(Q, *g.env[a].shape))
-    res = K.binop(_binary_op(n), vals, args, rs, last, lambda r: r.t, (Q,) + tuple(out_base.shape))
-    return Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
-
-
-def _binary_param(g, n, how, reps, Q, last):
-    """op(batch operand, parameter copies): the Q perturbed parameters stacked as (Q, 1.., *shape)
-    broadcast against the operands viewed as (Q, B, ...) (an unchanged one as (1, B, ...))."""
-    out_base = g.env[n]
-    vals = []
-    for a in n.args:
-        r = reps.get(a) if isinstance(a, fx.Node) else None
-        if not isinstance(a, fx.Node):
-            vals.append(a)
         elif isinstance(r, Per):
-            p = torch.stack(r.vals)
-            vals.append(p.view(Q, *([1] * (out_base.dim() + 1 - p.dim())), *p.shape[1:]))
-        elif r is None:
-            vals.append(g.env[a].unsqueeze(0))
+            vals.append(K.parameter_copies(r.vals, Q, out_base.dim()))
         else:
             vals.append(materialize(g, a, r, Q).view(Q, *g.env[a].shape))
-    res = _binary_op(n)(*vals)
+    stacked = [None if isinstance(r, Per) else r for r in rs]  # (parameter copies are never written)
+    res = K.binop(_binary_op(n), vals, args, stacked, last, lambda r: r.t, (Q,) + tuple(out_base.shape))
     return Full(res.reshape(Q * out_base.shape[0], *out_base.shape[1:]), own=True)
 
 
@@ -269,7 +254,7 @@ def _rowwise(g, n, how, reps, Q, last):
 PATHS = {"conv_chan": _chan_product, "conv_full": _conv_full, "linear_chan": _chan_product, "linear_full": _linear_full,
          "bn_chan": _bn_chan, "bn_full": _bn_full, "chanwise": _chanwise, "flatten_chan": _flatten_chan,
          "flatten_full": _flatten_full, "binary_chan": _binary_chan, "binary_full": _binary_full,
-         "binary_param": _binary_param, "getitem_full": _getitem, "getitem_chan": _getitem,
+         "binary_param": _binary_full, "getitem_full": _getitem, "getitem_chan": _getitem,
          "getitem_mat": _getitem, "getitem_tuple": _getitem, "pad_full": _pad, "pad_chan": _pad,
          "pad_shift": _pad, "pad_mat": _pad, "rowwise": _rowwise, "generic": run_generic,
          "generic_stacked": run_generic_stacked}

@@ -139,6 +139,13 @@ def fresh_copies(base, Q):
     return out
 
 
+def parameter_copies(vals, Q, ndim):
+    """Q copies of a parameter (a get_attr source's values) stacked as (Q, 1.., *shape), to
+    broadcast against operands of ``ndim`` dims viewed as (Q, B, ...)."""
+    p = torch.stack(vals)
+    return p.view(Q, *([1] * (ndim + 1 - p.dim())), *p.shape[1:])
+
+
 def chan_conv(x_base, out_base, delta, w, index, padding, stride, dilation, Q, channels_last, bmm=None):
     """cached_out + conv(delta, W[:, block]) for a delta confined to one channel block per copy.
 

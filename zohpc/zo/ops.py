@@ -8,13 +8,12 @@ method and its literal arguments):
   one-channel delta confined to its channel;
 * ``flatten``, ``binary``, ``getitem``, ``pad``: shape and arithmetic ops with their own rules;
 * ``rowwise``: ops whose output sample i depends on input sample i only (dim 0 is the batch),
-  e.g. LayerNorm, softmax over a non-batch dim, scaled dot-product attention, ``F.linear``, PyTorch's
-  batch-first multi-head attention and transformer encoder layers, reductions over non-batch
-  dims: run once on the stacked copies;
+  e.g. LayerNorm, softmax over a non-batch dim, scaled dot-product attention, ``F.linear``,
+  PyTorch's batch-first multi-head attention and transformer encoder layers, reductions over
+  non-batch dims: run once on the stacked copies;
 * ``reshape``: tensor methods that only rearrange each sample (``view``/``reshape`` with a
   literal -1 first, ``transpose``/``permute``/``chunk``/``split``/``flatten``/``unflatten``
-  away from dim 0): run once
-  on the stacked copies, so a model written with explicit attention keeps its reuse;
+  away from dim 0): run once on the stacked copies, so explicit attention keeps its reuse;
 * ``embedding``: a lookup table (its weight has an incremental rule: one row, one column);
 * ``generic``: anything else, run copy by copy (always correct).
 """

@@ -88,19 +88,17 @@ def rule_flatten(g, n, rs):
     return Decision("flatten_full", FULL)
 
 
-def _param_operand(g, n, args, ks):
-    """The one per-copy operand that is a perturbed parameter read by ``get_attr`` (learned
-    positions added to the embedding), when the rest are unchanged or stacked: None otherwise."""
+def _stacks_with_parameter(g, n, args, ks) -> bool:
+    """One per-copy operand is a perturbed parameter read by ``get_attr`` (learned positions
+    added to the embedding) and the others are unchanged or stacked tensors."""
     pers = [a for a, k in zip(args, ks) if k == PER]
     out = g.env[n]
     if len(pers) != 1 or pers[0].op != "get_attr" or not _is_tensor(out) or out.dim() == 0 \
             or out.shape[0] != g.batch or not _is_tensor(g.env[pers[0]]) or g.env[pers[0]].dim() > out.dim():
-        return None
-    for a, k in zip(args, ks):
-        if isinstance(a, fx.Node) and a is not pers[0] and (
-                k not in (None, FULL) or not _is_tensor(g.env[a]) or (k == FULL and g.env[a].dim() != out.dim())):
-            return None
-    return pers[0]
+        return False
+    return all(not isinstance(a, fx.Node) or a is pers[0] or (
+        k in (None, FULL) and _is_tensor(g.env[a]) and (k is None or g.env[a].dim() == out.dim()))
+        for a, k in zip(args, ks))
 
 
 def rule_binary(g, n, rs):
@@ -108,7 +106,7 @@ def rule_binary(g, n, rs):
     ks = [rs.get(a) if isinstance(a, fx.Node) else None for a in args]
     if any(k == PER for k in ks):
         # the parameter's copies stack against the batch: one broadcast op for all copies
-        return Decision("binary_param", FULL) if _param_operand(g, n, args, ks) is not None else GENERIC
+        return Decision("binary_param", FULL) if _stacks_with_parameter(g, n, args, ks) else GENERIC
     nodes = [a for a in args if isinstance(a, fx.Node)]
     if any(not _is_tensor(g.env[a]) for a in nodes):
         return GENERIC

@@ -11,9 +11,10 @@ they are used. Only parameters with ``requires_grad=True`` are perturbed (LoRA's
 is read as stored).
 
 Memory: parameters + one inference forward + the largest single weight (its perturbed
-temporary; a weight read more than once per forward, such as a tied embedding, is held from its first
-to its last read once :func:`perturbed` has seen it read twice) + two chunks of :data:`CHUNK` floats per noise thread in the update. Momentum adds one
-buffer per trainable parameter, Adam two.
+temporary; a weight read more than once per forward, such as a tied embedding, is held from
+its first to its last read once :func:`perturbed` has seen it read twice) + two chunks of
+:data:`CHUNK` floats per noise thread in the update. Momentum adds one buffer per trainable
+parameter, Adam two.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ size read from the cached batch cannot describe a pass of many stacked copies.
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch.fx as fx
@@ -55,15 +56,14 @@ def _encoder_layer(layer: nn.TransformerEncoderLayer, x):
     return layer.norm2(x + ff(x))
 
 
-def _only_input(args, kwargs, first: str, absent: tuple):
-    """The input when a layer is called with it alone (other arguments None or False), else None."""
-    rest = dict(zip(absent, args[1:])) if len(args) <= 1 + len(absent) else None
-    if rest is None or not (args or first in kwargs) or (args and first in kwargs):
+def _only_input(layer, args, kwargs):
+    """The input when a layer is called with it alone (its other arguments None or False), else None."""
+    try:
+        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    except TypeError:
         return None
-    rest.update({k: v for k, v in kwargs.items() if k != first})
-    if set(rest) - set(absent) or any(v is not None and v is not False for v in rest.values()):
-        return None
-    return args[0] if args else kwargs[first]
+    (_, x), *rest = bound.arguments.items()
+    return x if all(v is None or v is False for _, v in rest) else None
 
 
 class EngineTracer(fx.Tracer):
@@ -71,11 +71,11 @@ class EngineTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         if isinstance(m, nn.TransformerEncoderLayer) and _plain_layer(m):
-            x = _only_input(args, kwargs, "src", ("src_mask", "src_key_padding_mask", "is_causal"))
+            x = _only_input(m, args, kwargs)
             if x is not None:
                 return _encoder_layer(m, x)
         if isinstance(m, nn.TransformerEncoder) and all(_plain_layer(layer) for layer in m.layers):
-            x = _only_input(args, kwargs, "src", ("mask", "src_key_padding_mask", "is_causal"))
+            x = _only_input(m, args, kwargs)
             if x is not None:
                 for layer in m.layers:
                     x = _encoder_layer(layer, x)
