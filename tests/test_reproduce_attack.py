@@ -148,6 +148,10 @@ def test_probe_watches_without_changing_the_attack():
         assert watched == plain
         t = dict(zip(DIAG, probe.row()))
         assert t["steps"] >= 3 and t["sample_rows"] == 4 * t["steps"]
+        # queries of completed steps only: the step the attack's end cut short is not one
+        assert t["step_queries"] < watched["queries"]
+        if method != "lizo":  # the center and 4 directions per step
+            assert t["step_queries"] == 5 * t["steps"]
         assert -1 <= t["alignment"] / t["aligned_steps"] <= 1
         if method == "lizo":  # at most floor(0.5 * 4) rows reused per step, within the bound 2 lr = 1
             assert 0 < t["reused_rows"] <= 2 * t["steps"]

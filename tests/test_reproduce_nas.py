@@ -116,6 +116,32 @@ def test_reuse_buys_architecture_steps(data):
     assert steps["lizo"] > steps["lizo_no_reuse"]
 
 
+def test_every_method_is_charged_its_genotypes_retrain(monkeypatch):
+    """Methods that find the same genotype share one retrain, and each one's cpu_seconds counts it."""
+    import time
+
+    from zohpc.reproduce import nas
+
+    calls = []
+
+    def fake_search(method, data, s, cfg, seed, trace=False):
+        return {"genotype": [0] * EDGES, "queries": 1, "arch_steps": 1, "curve": []}
+
+    def fake_retrain(geno, data, s, cfg, seed):
+        calls.append(geno)
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.05:  # CPU work, as a real retrain
+            pass
+        return 0.5
+
+    monkeypatch.setattr(nas, "search", fake_search)
+    monkeypatch.setattr(nas, "retrain", fake_retrain)
+    rows, _ = nas.run_seed(0, None, TINY, dict(nas.COMMON), trace=False)
+    assert len(calls) == 1 and set(rows) == set(nas.METHODS)
+    for r in rows.values():
+        assert r["accuracy"] == 0.5 and r["cpu_seconds"] - r["search_cpu_seconds"] >= 0.05
+
+
 def test_budget_is_spread_over_the_phases():
     from zohpc.reproduce.nas import Budget
 

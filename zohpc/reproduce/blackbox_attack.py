@@ -40,8 +40,8 @@ REUSING = ("lizo", "lizo_orth")  # the methods the goal is about
 LABELS = {"lizo": "LIZO (reuse)", "lizo_orth": "LIZO (reuse, orth.)", "lizo_no_reuse": "LIZO (no reuse)",
           "zo_sgd": "ZO-SGD", "zo_adam": "ZO-Adam"}
 # per-attack sums of StepProbe (the columns after (success, queries) in attack_all's array)
-DIAG = ("steps", "sample_rows", "reused_rows", "fallbacks", "step_length", "bound", "bounded_steps",
-        "step_over_bound", "aligned_steps", "alignment", "reused_distance")
+DIAG = ("steps", "step_queries", "sample_rows", "reused_rows", "fallbacks", "step_length", "bound",
+        "bounded_steps", "step_over_bound", "aligned_steps", "alignment", "reused_distance")
 
 SETTINGS = {
     False: dict(images=0, tune_images=40, budget=150, curve_budget=500, lrs=(0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
@@ -98,8 +98,8 @@ class StepProbe:
 
     ``true_grad(w)`` is the margin's gradient at the perturbation parameters ``w`` (the
     study computes it through the white-box classifier; it is no query). Recorded per step:
-    the rows reused out of the ``samples`` (LIZO), re-queried fallbacks, the step length
-    ``|s|`` and the reuse bound it had (``|s| / bound``), the distance of the reused points
+    the queries it made, the rows reused out of the ``samples`` (LIZO), re-queried fallbacks,
+    the step length ``|s|`` and the reuse bound it had (``|s| / bound``), the distance of the reused points
     from the iterate in units of the finite-difference step ``mu``, and the alignment
     ``cos(-s, true gradient)`` (1: steepest descent; a random direction: about 0).
     A step cut short by the end of the attack is not recorded.
@@ -116,10 +116,17 @@ class StepProbe:
             x0 = w.detach().flatten().double().clone()
             g = self.true_grad(w.detach().clone()).flatten().double()
             bound = lizo.distance_bound() if lizo is not None else 0.0
-            step(closure)
+            calls = [0]
+
+            def counted():
+                calls[0] += 1
+                return closure()
+
+            step(counted)
             s = w.detach().flatten().double() - x0
             add = self.sums
             add["steps"] += 1
+            add["step_queries"] += calls[0]
             add["sample_rows"] += samples
             length = float(s.norm())
             add["step_length"] += length
@@ -216,7 +223,7 @@ def diagnose(outcomes: np.ndarray) -> dict:
         return float(a / b) if b > 0 else None
 
     return {"steps_per_image": ratio(t["steps"], outcomes.shape[0]),
-            "queries_per_step": ratio(float(outcomes[:, 1].sum()), t["steps"]),
+            "queries_per_step": ratio(t["step_queries"], t["steps"]),
             "reuse_rate": ratio(t["reused_rows"], t["sample_rows"]),
             "reused_per_step": ratio(t["reused_rows"], t["steps"]),
             "fallback_rate": ratio(t["fallbacks"], t["steps"]),
