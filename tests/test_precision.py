@@ -145,3 +145,25 @@ def test_config_key_is_validated():
     assert load_config(None, ["zo.precision=delta-tf32"]).zo.precision == "delta-tf32"
     with pytest.raises(ConfigError, match="zo.precision"):
         load_config(None, ["zo.precision=fp8"])
+
+
+def test_delta_mode_reads_large_conv_planes_without_copying_the_output():
+    """Past 8 queries a large conv's single channels are read from channel-major copies; a
+    delta mode starts from zeros, so it copies the padded input only (and its estimates hold)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(12, 4)).train()
+    x, y = torch.randn(4, 2, 32, 32), torch.tensor([0, 1, 2, 3])  # 4 x 32 x 32 = 4096 positions
+    masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    masks["0.weight"].view(-1)[:16] = True
+    coords = Coordinates(model, masks)
+    ref = _reference(model, x, y, coords)
+    for precision in ("ieee", "delta-tf32"):
+        eng = QueryEngine(model, query_batch=4, precision=precision)
+        eng.prepare(x, y)
+        est = cge(eng, coords, MU)
+        if precision != "ieee":
+            assert float((est - ref).norm() / ref.norm()) <= LIMITS[precision]
+        (out_copy, input_copy), = eng._channel_major.values()
+        assert input_copy is not None and input_copy.is_contiguous()
+        assert (out_copy is None) == (precision != "ieee")

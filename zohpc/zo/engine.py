@@ -240,13 +240,18 @@ class QueryEngine(NodeInterpreter, FeatureCache, EngineBase):
         In NHWC order one channel is a strided read that touches every cache line of the
         tensor. Once ``n`` has served 8 queries of this minibatch, channel-major (NCHW) copies
         are made and read instead: the same values, up to 17x faster per query at 32x32, for
-        one copy that costs about what 8 strided reads do.
+        one copy that costs about what 8 strided reads do. A delta mode starts from zeros and
+        never reads the output: it gets None for it, and no copy of it is made.
         """
         seen = self._channel_reads[n] = self._channel_reads.get(n, 0) + queries
-        planes = self._channel_major.get(n)
-        if planes is None and seen >= 8 and self.channels_last:
-            planes = self._channel_major[n] = (self.env[n].contiguous(), self.padded_input(n, mod).contiguous())
-        return planes or (self.env[n], self.padded_input(n, mod))
+        if seen < 8 or not self.channels_last:
+            return (self.env[n] if self.delta is None else None), self.padded_input(n, mod)
+        planes = self._channel_major.setdefault(n, [None, None])
+        if planes[1] is None:
+            planes[1] = self.padded_input(n, mod).contiguous()
+        if planes[0] is None and self.delta is None:
+            planes[0] = self.env[n].contiguous()
+        return (planes[0] if self.delta is None else None), planes[1]
 
     def work(self) -> list[Plan]:
         """Every parameter's plan with its work on the current input shape (zohpc.zo.work.plan_work)."""
