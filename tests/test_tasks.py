@@ -107,6 +107,11 @@ def test_numpy_black_box_regression_trains(regression_run):
     assert evals[-1]["test_loss"] <= 0.5 * first, (first, evals[-1]["test_loss"])
     assert evals[-1]["test_loss"] < 0.07  # the README's figure (0.058)
     assert set(evals[-1]["metrics"]) == {"mse", "mae"}
+    # the summary's best of each metric: errors are minimized (their best is the last epoch's here)
+    best = records(out, "done")[0]["best"]
+    assert len(evals) > 1 and best["test_loss"] == min(e["test_loss"] for e in evals)
+    for k in ("mse", "mae"):
+        assert best[k] == min(e["metrics"][k] for e in evals) < evals[0]["metrics"][k]
     assert records(out, "start")[0]["task"] == "regression"
     assert "feature reuse off" not in p.stderr  # a traceable model in front of the black box
 
@@ -285,11 +290,18 @@ def test_bad_input_in_process_messages():
         (dict(train=(x, y), loss=numpy_mse, batched_loss=lambda o, t: o.mean()), "batched_loss returned ()"),
         (dict(train=(x, y), loss="mse"), "loss is str, not callable"),
         (dict(train=[x, y, y], loss=numpy_mse), "must be (inputs, targets)"),
+        (dict(train=(x, y), loss=numpy_mse, lower_is_better="mse"), "lower_is_better is 'mse', not a tuple"),
     ]
     for kwargs, words in cases:
         with pytest.raises(UserError, match=re.escape(words)) as info:
             check_task(Task(model=net(), **kwargs), "t")
         assert str(info.value).startswith("task 't': ") and "\n" not in str(info.value)
+
+
+def test_metric_direction_by_declaration_or_name():
+    t = Task(model=torch.nn.Linear(1, 1), train=None, lower_is_better=("margin",))
+    assert t.minimizes("margin") and t.minimizes("test_loss") and t.minimizes("val_MSE") and t.minimizes("mae")
+    assert not t.minimizes("accuracy") and not t.minimizes("success") and not Task(torch.nn.Linear(1, 1), None).minimizes("margin")
 
 
 def test_task_options_from_the_config(tmp_path):

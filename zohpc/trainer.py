@@ -383,8 +383,7 @@ class Trainer:
         best = {}
         for e in evals:
             for k, v in dict(e.metrics, test_loss=e.test_loss).items():
-                lower_is_better = k.endswith("loss") or k.endswith("error")
-                if k not in best or (v < best[k] if lower_is_better else v > best[k]):
+                if k not in best or (v < best[k] if self.task.minimizes(k) else v > best[k]):
                     best[k] = v
         queries = sum(r.queries for r in self.metrics.records(rec.Step))
         out = {"steps": self.step, "epochs": self.epoch, "queries": queries, "final": final, "best": best}

@@ -83,7 +83,7 @@ def make_task(classifier: nn.Module, data: PixelData, opts: dict) -> Task:
         return {"success": float(np.mean(m < 0)), "margin": float(np.mean(m))}
 
     task = Task(model=Perturbation(x.shape[1:], float(opts["epsilon"])), train=(x, y), test=(x, y), loss=loss,
-                metrics=metrics, name="attack", info=dict(opts))
+                metrics=metrics, name="attack", lower_is_better=("margin",), info=dict(opts))
     return task
 
 

@@ -42,6 +42,10 @@ class Task:
     only floating-point inputs are cast to the model's dtype.
     Dropout modules are accepted with ``p = 0`` only (finite differences need a fixed forward;
     PyTorch's encoder layers take ``dropout=0.0``).
+    ``lower_is_better``: names of ``metrics`` whose best value is the smallest (the run's
+    summary reports each metric's best over the evaluations). Without it, a name ending in
+    one of :data:`LOWER_IS_BETTER` (``loss``, ``error``, ``mse``, ...) is minimized, and
+    any other name maximized.
     ``info``: free-form facts for the log (data set name, sizes).
     """
 
@@ -53,7 +57,16 @@ class Task:
     metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
     name: str = "task"
     augment: Callable | None = None
+    lower_is_better: tuple = ()
     info: dict = field(default_factory=dict)
+
+    def minimizes(self, metric: str) -> bool:
+        """Whether ``metric``'s best value is its smallest (``test_loss`` always is)."""
+        return metric in self.lower_is_better or metric.lower().endswith(LOWER_IS_BETTER)
+
+
+# metric name endings that mean "smaller is better" (a task may name others in lower_is_better)
+LOWER_IS_BETTER = ("loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "regret")
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict:

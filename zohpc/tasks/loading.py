@@ -100,6 +100,11 @@ def check_task(task, name: str) -> Task:
         value = getattr(task, field_name)
         if value is not None and not callable(value):
             raise UserError(f"task '{name}': {field_name} is {type(value).__name__}, not callable")
+    lower = task.lower_is_better
+    if isinstance(lower, str) or not isinstance(lower, (tuple, list, set, frozenset)) \
+            or not all(isinstance(k, str) for k in lower):
+        raise UserError(f"task '{name}': lower_is_better is {lower!r}, not a tuple of metric names")
+    task.lower_is_better = tuple(lower)
     task.train = as_pair(task.train, name, "train")
     task.test = as_pair(task.test, name, "test")
     if task.test is not None:
