@@ -47,7 +47,10 @@ def make_run(root, name="run_a", lr=0.05, accs=(0.31, 0.52), finished=True, dama
         for p in model.parameters():
             p.mul_(lr * 10)  # runs differ in their weights
     masks = {n: (torch.arange(p.numel()).reshape(p.shape) % 4 != 0) for n, p in model.named_parameters() if p.dim() > 1}
-    records = [{"event": "start", "ranks": 2, "model": "digits_cnn", "params": 1946, "active_coords": 1500, "time": 0.0}]
+    # start and masks records carry the clock's date, steps and evals seconds since the start
+    records = [{"event": "start", "ranks": 2, "model": "digits_cnn", "params": 1946, "active_coords": 1500,
+                "time": 1796469552.1},
+               {"event": "masks", "epoch": 0, "draw": 0, "active_coords": 1500, "time": 1796469553.0}]
     acc_iter = iter(accs)
     for step in range(1, STEPS + 1):
         records.append({"event": "step", "step": step, "epoch": (step - 1) // EVAL_EVERY, "loss": 2.5 - 0.1 * step,

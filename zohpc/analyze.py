@@ -23,7 +23,7 @@ JSON schema (``schema_version`` 1)::
         "last_test_acc": float | null,
         "last_loss": float | null,   # loss of the last step record
         "queries": int | null,       # loss queries spent (done record, else sum of step records)
-        "wall_seconds": float | null,# done record, else the largest "time" seen
+        "wall_seconds": float | null,# done record, else the largest step/eval/stopped "time"
         "steps_logged": int,         # step records (the loss curve's length)
         "evals_logged": int,         # eval records (the accuracy curve's length)
         "checkpoint": str | null,    # checkpoint read (a run's newest one that verifies)
@@ -118,11 +118,16 @@ def _empty_summary(path: str, kind: str) -> dict:
             "masks": None, "param_norms": {}, "param_norm_total": None, "warnings": []}
 
 
+# records whose "time" counts seconds from their segment's start ("start" and "masks" carry
+# the clock's epoch time, a date, which is no duration)
+RELATIVE_TIME = ("step", "eval", "stopped")
+
+
 def _apply_metrics(summary: dict, records: list[dict]) -> dict:
     """Fill a summary from metric records (typed by :mod:`zohpc.metrics`; unknown ones skipped)."""
     steps, done, times = {}, None, []
     for obj in records:
-        if _num(obj.get("time")) is not None:
+        if obj.get("event") in RELATIVE_TIME and _num(obj.get("time")) is not None:
             times.append(float(obj["time"]))
         rec = parse_record(obj)
         if isinstance(rec, m.Start):
