@@ -78,6 +78,9 @@ def test_typo_in_file_is_caught(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "absent.toml"))
+    path.write_bytes(b"\x89HDF\r\n\x1a\n")  # an HDF5 file given as the config
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(TOML\): byte 0 is b'\\x89'"):
+        load_config(str(path))
 
 
 def test_every_section_key_has_a_default():

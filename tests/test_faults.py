@@ -491,3 +491,16 @@ def test_stop_during_the_final_evaluation_resumes_to_a_complete_run(reference, t
     assert_same_run(reference, out)
     events = [r["event"] for r in records(out)]
     assert events.count("eval") == 2 and events[-1] == "done"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["-m", "zohpc.plan", "--ranks", "2"], ["runs as one process", "without mpirun"]),
+    (["-m", "zohpc.export", "/nonexistent/ckpt.h5", "/nonexistent/out.h5"], ["/nonexistent/ckpt.h5"]),
+    (["-m", "zohpc.bench", "engine", "--mu", "0", "--json"], ["option --mu"]),
+], ids=["plan", "export", "bench"])
+def test_one_process_tools_under_mpirun_refuse_once(argv, needles):
+    """Tools that work on one rank, started under mpirun with bad input: exit 2 on every rank,
+    the line printed once, no MPI_Abort."""
+    p = run_ranks(2, argv, timeout=120)
+    assert_only_error_line(p, 2, *needles)
+    assert "Abort" not in p.stderr

@@ -122,6 +122,16 @@ def test_lora_trains_under_two_ranks_resume_and_export(base_dir, tmp_path, estim
     expected = named[f"{name}.base_layer.weight"].double() + lora_delta(ref, name)
     assert torch.allclose(w.double(), expected, rtol=0, atol=1e-6)
 
+    # nothing the user has is overwritten: an existing OUT needs --force, the checkpoint never
+    before, ck_bytes = out.read_bytes(), open(path, "rb").read()
+    for args, words in (([path, str(out)], "exists (pass --force to replace it)"),
+                        ([path, path, "--force"], "is the input")):
+        proc = subprocess.run([sys.executable, "-m", "zohpc.export", *args], capture_output=True, text=True,
+                              timeout=200, cwd=ROOT, env=env())
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr[-2000:]
+    assert out.read_bytes() == before and open(path, "rb").read() == ck_bytes
+
 
 def test_missing_or_network_directory_is_one_line_exit_2(tmp_path):
     empty = tmp_path / "empty"

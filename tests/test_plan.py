@@ -49,6 +49,7 @@ def test_slurm_header_matches_the_templates():
 
 @pytest.mark.parametrize("argv,culprit", [
     (["--ranks", "0"], "--ranks"),
+    (["--ranks", "100000000"], "--ranks must be <= 100,000"),
     (["--ranks", "two"], "--ranks"),
     (["--ranks", "2", "--bandwidth-gbs", "-1"], "--bandwidth-gbs"),
     (["--ranks", "2", "--config", "/nonexistent/zohpc.toml"], "/nonexistent/zohpc.toml"),

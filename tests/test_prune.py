@@ -193,5 +193,11 @@ def test_setup_refuses_bad_method_and_out_path(tmp_path):
         _setup(p.parse_args(["--sparsity", "-0.1", "--out", str(tmp_path / "x.h5")]))
     cfg, seed = _setup(p.parse_args(["--set", "train.seed=4", "--sparsity", "0.3", "--out", str(tmp_path / "x.h5")]))
     assert seed == 4 and cfg.prune.sparsity == 0.3 and cfg.prune.method == "zo_grasp"
+    (tmp_path / "mine.h5").write_bytes(b"a file of the user's")
+    with pytest.raises(ConfigError, match="exists \\(pass --force to replace it\\)"):
+        _setup(p.parse_args(["--out", str(tmp_path / "mine.h5")]))
+    assert _setup(p.parse_args(["--out", str(tmp_path / "mine.h5"), "--force"]))[0].prune.method == "zo_grasp"
+    with pytest.raises(ConfigError, match="task.name.*not for 'zohpc.tasks.examples:regression'"):
+        _setup(p.parse_args(["--set", "task.name=zohpc.tasks.examples:regression", "--out", str(tmp_path / "y.h5")]))
     args = p.parse_args(["--out", "m.h5", "--seed", "2", "--method", "grasp", "--set", "a.b=1", "--set", "c.d=2"])
     assert args.seed == 2 and args.method == "grasp" and args.overrides == ["a.b=1", "c.d=2"] and args.sparsity is None

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mpi_util import run_ranks
 from zohpc import checkpoint as ckpt
@@ -133,6 +134,19 @@ def test_user_error_under_three_ranks_prints_one_line(tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1, p.stderr
     assert "optim.lr" in errors[0]
+
+
+@pytest.mark.parametrize("sets, env, words", [
+    (["--set", "train.device=cuda"], {}, "'cuda' requested but no CUDA device"),
+    ([], {"ZOHPC_THREADS": "abc"}, "ZOHPC_THREADS: 'abc' is not a positive integer"),
+], ids=["cuda_without_gpu", "bad_threads"])
+def test_runtime_refusal_is_one_line_on_every_rank_before_the_directory(tmp_path, sets, env, words):
+    if sets and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    p = run_ranks(2, ["-m", "zohpc.train", "--out", str(tmp_path / "r"), *sets], timeout=120, **env)
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert p.returncode == 2 and len(errors) == 1 and words in errors[0], p.stderr
+    assert "Abort" not in p.stderr and not (tmp_path / "r").exists()
 
 
 def test_ready_record_has_startup_seconds_and_phases(tmp_path):

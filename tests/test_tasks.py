@@ -171,10 +171,15 @@ START_UP = {  # case: (--set, words of the one line); each before any heavy work
     "non_finite": ("task.name=zoplug:non_finite", ["zoplug:non_finite", "train inputs contain NaN"]),
     "wrong_shape": ("task.name=zoplug:wrong_shape", ["zoplug:wrong_shape", "loss returned an array of shape (8, 1)",
                                                       "before training"]),
+    "exits_on_rank_1": ("task.name=zoplug:exits_on_rank_1", ["zoplug:exits_on_rank_1", "factory failed",
+                                                             "sys.exit(3)"]),
+    "late_labels": ("task.name=zoplug:late_labels", ["task 'zoplug:late_labels'", "train class labels must lie in [0, 3)",
+                                                     "0..7"]),
 }
 IN_STEP = {  # the objective fails in step 3: the checkpoint of step 2 is kept
     "nan_late": ("task.name=zoplug:nan_late", ["task 'late'", "loss is nan", "(step 3)"]),
     "raises_late": ("task.name=zoplug:raises_late", ["task 'late'", "RuntimeError: solver diverged", "(step 3)"]),
+    "exits_late": ("task.name=zoplug:exits_late", ["task 'late'", "sys.exit('the solver gave up')", "(step 3)"]),
 }
 
 

@@ -105,7 +105,13 @@ class Comm:
         """Cores on this node divided by the ranks on this node (at least 1)."""
         env = os.environ.get("ZOHPC_THREADS")
         if env:
-            return max(1, int(env))
+            try:
+                n = int(env)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise UserError(f"environment variable ZOHPC_THREADS: {env!r} is not a positive integer")
+            return n
         return max(1, _cores_available() // self.local_size)
 
     def set_threads(self) -> int:

@@ -303,6 +303,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), out: str | N
                 mapping = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (TOML): byte {exc.start} is "
+                              f"{exc.object[exc.start:exc.start + 1]!r}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
         apply_mapping(cfg, mapping, f"config file '{path}'")
     for text in overrides:
         section, key, value = parse_override(text)

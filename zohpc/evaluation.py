@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .errors import UserError
+from .errors import PLUGIN_FAILURES, UserError, describe
 from .inputs import model_input
 from .sharding import contiguous_split
 from .steps import attempt, settle
@@ -72,5 +72,5 @@ def task_metrics(task, out, y) -> dict:
     try:
         values = task.metrics(out, y)
         return {str(k): float(v) for k, v in dict(values).items()}
-    except Exception as exc:  # noqa: BLE001 - a plug-in's failure is reported as the task's
-        raise UserError(f"task '{task.name}': metrics failed ({type(exc).__name__}: {exc})") from None
+    except PLUGIN_FAILURES as exc:  # noqa: BLE001 - a plug-in's failure is reported as the task's
+        raise UserError(f"task '{task.name}': metrics failed ({describe(exc)})") from None

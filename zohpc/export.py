@@ -66,13 +66,18 @@ def main(argv=None) -> None:
                                 description="Write the merged weights (base + LoRA adapters) of a checkpoint.")
     p.add_argument("checkpoint", help="a checkpoint file of a run (checkpoints/*.h5)")
     p.add_argument("out", help="the HDF5 file to write")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (refused otherwise)")
     args = p.parse_args(argv)
     from .comm import run_main
+    from .fsio import check_new_file
+
+    def export():  # on the driver; a refusal reaches every rank (Comm.agree): exit 2, one line
+        check_new_file(args.out, "OUT", args.force, keep=(args.checkpoint,))
+        n = write_weights(args.out, merged_model(args.checkpoint))
+        print(f"zohpc.export: wrote {n} tensors to {args.out}")
 
     def entry(comm):
-        if comm.is_driver:
-            n = write_weights(args.out, merged_model(args.checkpoint))
-            print(f"zohpc.export: wrote {n} tensors to {args.out}")
+        comm.agree(lambda: export() if comm.is_driver else None)
         return 0
 
     run_main(entry, "zohpc.export")

@@ -14,7 +14,7 @@ import errno
 import os
 from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 
 class FileSystemError(UserError):
@@ -119,3 +119,15 @@ def _drop_cut_line(fd: int) -> None:
     tail = os.pread(fd, size - start, start)
     cut = tail.rfind(b"\n")
     os.ftruncate(fd, start + cut + 1 if cut >= 0 else start if start else 0)
+
+
+def check_new_file(path: str, option: str, force: bool = False, keep: tuple = ()) -> None:
+    """Refuse to write ``path`` over a file the user already has (unless ``force``) or over
+    one of the inputs ``keep`` (never): a one-line ConfigError naming ``option``."""
+    if not path or os.path.isdir(path):
+        raise ConfigError(f"{option} '{path}': must name a file, not a directory")
+    for src in keep:
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise ConfigError(f"{option} '{path}': is the input {src} itself (write elsewhere)")
+    if os.path.exists(path) and not force:
+        raise ConfigError(f"{option} '{path}': exists (pass --force to replace it)")

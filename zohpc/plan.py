@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_RANKS = 100_000  # (the shard layout is cut per rank: a bound keeps a typo from running for hours)
+
+
 def check_args(args) -> None:
     """Bad numbers, before any heavy work (one line each)."""
     for name, value, least in (("--ranks", args.ranks, 1), ("--threads", args.threads, 1),
@@ -97,6 +100,8 @@ def check_args(args) -> None:
                         ("--budget", args.budget)):
         if not (value > 0 and math.isfinite(value)):
             raise UserError(f"{name} must be a positive number, got {value}")
+    if args.ranks > MAX_RANKS:
+        raise UserError(f"--ranks must be <= {MAX_RANKS:,}, got {args.ranks:,}")
     if not (args.margin >= 1 and math.isfinite(args.margin)):
         raise UserError(f"--margin must be >= 1, got {args.margin}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -300,12 +305,16 @@ def slurm_header(plan: dict, args) -> list[str]:
     return lines
 
 
+def _refuse(message: str):
+    raise UserError(message)
+
+
 def run(comm, args) -> int:
     from .config import load_config
 
+    if comm.size > 1:  # (every rank knows the size: one line, exit 2 on each)
+        comm.agree(_refuse, "zohpc.plan runs as one process (it predicts P ranks from one): start it without mpirun")
     check_args(args)
-    if comm.size > 1:
-        raise UserError("zohpc.plan runs as one process (it predicts P ranks from one): start it without mpirun")
     cfg = load_config(args.config, args.overrides, None)
     plan = make_plan(cfg, args)
     if args.slurm:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError, DataError
+from .fsio import check_new_file
 from .masks import layer_ratios, maskable_names, masks_from_scores, write_mask_file
 from .seeding import generator
 from .inputs import model_input
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", metavar="M", help="zo_grasp | grasp | random | magnitude (default: prune.method)")
     p.add_argument("--sparsity", metavar="S", type=float, help="global sparsity in [0, 1) (default: prune.sparsity)")
     p.add_argument("--out", metavar="FILE.h5", required=True, help="mask file to write (atomically)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (refused otherwise)")
     p.add_argument("--seed", metavar="N", type=int, help="seed of the pruning batch and directions (default: train.seed)")
     return p
 
@@ -258,14 +260,17 @@ def _setup(args):
     if args.sparsity is not None:
         cfg.prune.sparsity = args.sparsity
     validate(cfg)
+    if cfg.task.name != "classify":
+        raise ConfigError(f"config key 'task.name': zohpc.prune writes masks for the classify task (model.name "
+                          f"on data.name), not for {cfg.task.name!r}; a run of that task prunes at its own "
+                          f"start-up (prune.method)")
     if cfg.prune.method not in METHODS:
         raise ConfigError(f"config key 'prune.method': {cfg.prune.method!r} cannot write masks (use one of {', '.join(METHODS)})")
     seed = cfg.train.seed if args.seed is None else args.seed
     if seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {seed}")
     out = args.out
-    if not out or os.path.isdir(out):
-        raise ConfigError(f"--out '{out}': must name a file, not a directory")
+    check_new_file(out, "--out", args.force)
     parent = os.path.dirname(os.path.abspath(out))
     probe = parent
     while not os.path.exists(probe):
@@ -298,7 +303,7 @@ def format_ratio_table(model: nn.Module, masks: dict[str, torch.Tensor], ratios:
 def run(comm, argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg, seed = comm.agree(_setup, args)
-    comm.set_threads()
+    comm.agree(comm.set_threads)
     device = comm.agree(comm.bind_device, cfg.train.device)
     splits = comm.agree(_load, cfg)
     from .models import build_model

@@ -154,6 +154,8 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
         if comm.is_driver:
             progress.say(f"{progress.prog}: warning: {msg}")
 
+    with progress.phase("runtime"):  # (a device or thread setting that cannot be had: before the directory)
+        runtime = comm.agree(setup_runtime, comm, cfg.train.device)
     plan = _open_directory(comm, cfg, resume, warn, claims) if save else Plan(run_id="", checkpoint=None, changed=[])
     metrics = rec.MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir and comm.is_driver else None)
     if run_dir and cfg.logging.tensorboard and comm.is_driver:
@@ -162,8 +164,6 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
     trainer = None
     try:
         _stop_point(stop)
-        with progress.phase("runtime"):
-            runtime = setup_runtime(comm, cfg.train.device)
         with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
             task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
             if cfg.lora.target:

@@ -133,6 +133,28 @@ def wrong_shape(cfg):
     return Task(model=mlp(), train=linear_data(32, 4, 1), loss=loss)
 
 
+def _rank():
+    from zohpc.comm import world
+
+    return world().rank
+
+
+def exits_on_rank_1(cfg):
+    """A factory that gives up with sys.exit on one rank only (the others wait in a collective)."""
+    if _rank() == 1:
+        sys.exit(3)
+    return regression(cfg)
+
+
+def late_labels(cfg):
+    """A classifier (cross entropy: no loss given) whose labels leave the model's 3 classes
+    after the probe's first 8 training examples, and in the test split."""
+    x, _ = linear_data(64, 4, 1)
+    y = torch.arange(64) % 3
+    y[40] = 7
+    return Task(model=nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), train=(x, y), name="labels")
+
+
 def _late(cfg, fail):
     """The objective fails (``fail(outputs, targets)``) in the third step of epoch 0: the
     step whose batch holds the SENTINEL target; earlier steps and the probe are fine."""
@@ -157,6 +179,15 @@ def nan_late(cfg):
 def raises_late(cfg):
     def fail(o, t):
         raise RuntimeError("solver diverged")
+
+    return _late(cfg, fail)
+
+
+def exits_late(cfg):
+    def fail(o, t):
+        if _rank() == 1:
+            sys.exit("the solver gave up")
+        return numpy_mse(o, t)
 
     return _late(cfg, fail)
 

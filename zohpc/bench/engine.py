@@ -344,9 +344,27 @@ def _cost_model(engine, coords, x, y):
             "costs_total_ratio": float(pred[act].sum() / meas[act].sum())}
 
 
+def check_args(args) -> None:
+    """The options a run cannot use, as one line (every rank, through Comm.agree)."""
+    for name in ("threads", "batch", "coords", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"option --{name}: must be >= 1, got {getattr(args, name)}")
+    if args.classes < 2:
+        raise ConfigError(f"option --classes: must be >= 2, got {args.classes}")
+    if not math.isfinite(args.mu) or args.mu <= 0:
+        raise ConfigError(f"option --mu: must be a finite step > 0, got {args.mu}")
+    if args.seed < 0:
+        raise ConfigError(f"option --seed: must be >= 0, got {args.seed}")
+    if args.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"option --device: {args.device!r} requested but no CUDA device is available")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"option --device: {args.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+
+
 def run(comm, args) -> dict:
-    if args.threads < 1 or args.batch < 1 or args.coords < 1:
-        raise ConfigError("options --threads, --batch, --coords must be >= 1")
+    comm.agree(check_args, args)
     malloc_tuned = tune_malloc()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

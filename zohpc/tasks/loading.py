@@ -13,7 +13,7 @@ import importlib
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UserError
+from ..errors import PLUGIN_FAILURES, ConfigError, UserError, describe
 from ..inputs import model_input
 from .base import Task, accuracy
 
@@ -21,11 +21,6 @@ BUILTIN = {
     "classify": "zohpc.tasks.classify:build",
     "hf": "zohpc.tasks.hf:build",
 }
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def resolve(spec: str, key: str):
@@ -37,8 +32,8 @@ def resolve(spec: str, key: str):
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of a plug-in is the user's to fix
-        raise ConfigError(f"config key '{key}': cannot import module '{module_name}' ({_one_line(exc)})") from None
+    except PLUGIN_FAILURES as exc:  # noqa: BLE001 - any import failure of a plug-in is the user's to fix
+        raise ConfigError(f"config key '{key}': cannot import module '{module_name}' ({describe(exc)})") from None
     obj = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
@@ -54,8 +49,8 @@ def call_factory(factory, cfg, what: str):
         return factory(cfg)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{what}: the factory failed ({_one_line(exc)})") from None
+    except PLUGIN_FAILURES as exc:  # noqa: BLE001
+        raise UserError(f"{what}: the factory failed ({describe(exc)})") from None
 
 
 def as_pair(data, task: str, split: str):
@@ -70,9 +65,9 @@ def as_pair(data, task: str, split: str):
             items = [data[i] for i in range(n)]
             x = torch.stack([torch.as_tensor(a) for a, _ in items])
             y = torch.stack([torch.as_tensor(b) for _, b in items])
-        except Exception as exc:  # noqa: BLE001
+        except PLUGIN_FAILURES as exc:  # noqa: BLE001
             raise UserError(f"task '{task}': {split} data: cannot read the Dataset as (input, target) pairs "
-                            f"({_one_line(exc)})") from None
+                            f"({describe(exc)})") from None
     else:
         raise UserError(f"task '{task}': {split} data must be (inputs, targets) tensors or a Dataset of pairs, "
                         f"got {type(data).__name__}")
@@ -145,9 +140,9 @@ def probe(task: Task, name: str) -> None:
         xb = model_input(xb, first)
         with batch_stats_only(task.model):
             out = task.model(xb)
-    except Exception as exc:  # noqa: BLE001 - the plug-in's model or augment is the user's to fix
+    except PLUGIN_FAILURES as exc:  # noqa: BLE001 - the plug-in's model or augment is the user's to fix
         raise UserError(f"task '{name}': the model fails on {k} training inputs of shape "
-                        f"{tuple(x.shape[1:])} ({_one_line(exc)})") from None
+                        f"{tuple(x.shape[1:])} ({describe(exc)})") from None
     if not isinstance(out, torch.Tensor):
         raise UserError(f"task '{name}': the model returns {type(out).__name__}, not a tensor")
     yb = yb.to(out.device)
@@ -156,23 +151,27 @@ def probe(task: Task, name: str) -> None:
             raise UserError(f"task '{name}': no loss given, so the objective is cross entropy over class labels, "
                             f"which needs outputs (B, classes) and integer targets (B,); got outputs "
                             f"{tuple(out.shape)} and {yb.dtype} targets {tuple(yb.shape)}")
-        if int(yb.min()) < 0 or int(yb.max()) >= out.shape[1]:
-            raise UserError(f"task '{name}': class labels must lie in [0, {out.shape[1]}) for a model with "
-                            f"{out.shape[1]} outputs; got labels {int(yb.min())}..{int(yb.max())}")
+        for split, data in (("train", task.train), ("test", task.test)):  # every label, not the probe's few
+            if data is None or data[1].numel() == 0:
+                continue
+            lo, hi = int(data[1].min()), int(data[1].max())
+            if lo < 0 or hi >= out.shape[1]:
+                raise UserError(f"task '{name}': {split} class labels must lie in [0, {out.shape[1]}) for a model "
+                                f"with {out.shape[1]} outputs; got labels {lo}..{hi}")
     objective = Objective(task.loss, task.batched_loss, name)
     try:
         objective(torch.cat([out, out]), yb, 2)
     except UserError as exc:
         raise UserError(f"{exc} (at the initial parameters, before training)") from None
-    except Exception as exc:  # noqa: BLE001
+    except PLUGIN_FAILURES as exc:  # noqa: BLE001
         raise UserError(f"task '{name}': the objective fails on the model's outputs {tuple(out.shape)} "
-                        f"({_one_line(exc)})") from None
+                        f"({describe(exc)})") from None
     if task.metrics is not None:
         try:
             values = task.metrics(out, yb)
             _ = {str(key): float(v) for key, v in dict(values).items()}
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"task '{name}': metrics failed ({_one_line(exc)}); they must return a dict of "
+        except PLUGIN_FAILURES as exc:  # noqa: BLE001
+            raise UserError(f"task '{name}': metrics failed ({describe(exc)}); they must return a dict of "
                             "name -> number") from None
 
 

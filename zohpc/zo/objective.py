@@ -22,17 +22,13 @@ import numbers
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import PLUGIN_FAILURES, UserError, describe
 from ..stop import no_check
 
 
 class ObjectiveError(UserError):
     """The task's objective raised, returned the wrong shape, or returned NaN/inf."""
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class Objective:
@@ -90,8 +86,8 @@ class Objective:
                 values = self.batched(stacked, targets)
             except UserError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a plug-in's failure is reported as the task's
-                raise self._fail(f"batched_loss raised {_one_line(exc)}") from exc
+            except PLUGIN_FAILURES as exc:  # noqa: BLE001 - a plug-in's failure is reported as the task's
+                raise self._fail(f"batched_loss raised {describe(exc)}") from exc
             if not isinstance(values, torch.Tensor) or tuple(values.shape) != (Q,):
                 shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
                 raise self._fail(f"batched_loss returned {shape} for {Q} copies (must be a tensor of shape ({Q},))")
@@ -105,8 +101,8 @@ class Objective:
                     value = self.loss(chunks[q], targets)
                 except UserError:
                     raise
-                except Exception as exc:  # noqa: BLE001
-                    raise self._fail(f"loss raised {_one_line(exc)}") from exc
+                except PLUGIN_FAILURES as exc:  # noqa: BLE001
+                    raise self._fail(f"loss raised {describe(exc)}") from exc
                 out.append(self._scalar(value, outputs.dtype, outputs.device))
             values = torch.stack(out)
         if not bool(torch.isfinite(values).all()):

@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 from ..inputs import model_input
 from ..sharding import largest_divisor
 from ..stop import no_check
 from .base import EngineBase
 from .batchnorm import batch_stats_only
-from .objective import Objective, _one_line
+from .objective import Objective
 
 
 class StackedForward:
@@ -155,7 +155,7 @@ class StackedForward:
                 stacked = self._vmap_outputs(params)
             except Exception as exc:  # noqa: BLE001 - any failure means: run copies one by one
                 self.stacking = "loop"
-                self.reason = f"torch.func.vmap cannot run {type(self.model).__name__} ({_one_line(exc)})"
+                self.reason = f"torch.func.vmap cannot run {type(self.model).__name__} ({describe(exc)})"
                 return
             single = self._forward(self._theta)
             if not isinstance(stacked, torch.Tensor) or stacked.shape[1:] != single.shape or not torch.allclose(
