@@ -210,12 +210,13 @@ def test_out_with_a_newline_is_stored_losslessly(tmp_path):
 
 
 @pytest.mark.slow
-def test_refused_mask_file_leaves_a_directory_a_rerun_accepts(tmp_path):
+def test_refused_mask_file_is_refused_before_the_directory(tmp_path):
     bad = tmp_path / "masks.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 200)
     out = tmp_path / "run"
     p = train(1, out, "--set", f"prune.masks_file={bad}", timeout=120)
     assert_one_line(p, 2, str(bad))
+    assert not out.exists()
     p = train(1, out, "--resume", "auto", "--set", "train.max_steps=1", timeout=120)
     assert p.returncode == 0, p.stderr
     assert [r["event"] for r in records(out)].count("start") == 1

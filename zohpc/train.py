@@ -29,6 +29,7 @@ from . import metrics as rec  # noqa: E402
 from .comm import run_main  # noqa: E402
 from .config import DENSE_ESTIMATORS, Config, estimator_name, load_config  # noqa: E402
 from .errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from .masks import read_mask_file  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .prune import PruningData  # noqa: E402
 from .rundir import Plan, claim_directory, plan_start, prepare_directory  # noqa: E402
@@ -156,6 +157,8 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
 
     with progress.phase("runtime"):  # (a device or thread setting that cannot be had: before the directory)
         runtime = comm.agree(setup_runtime, comm, cfg.train.device)
+    if cfg.prune.masks_file:  # a damaged or foreign mask file, too (its fit to the model is checked later)
+        comm.agree(read_mask_file, cfg.prune.masks_file)
     plan = _open_directory(comm, cfg, resume, warn, claims) if save else Plan(run_id="", checkpoint=None, changed=[])
     metrics = rec.MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir and comm.is_driver else None)
     if run_dir and cfg.logging.tensorboard and comm.is_driver:
