@@ -67,6 +67,14 @@ def ieee_float32() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+def check_runtime(comm, device: str = "auto") -> None:
+    """What :func:`setup_runtime` would refuse (a device not present, a bad ZOHPC_THREADS),
+    without changing anything: run through Comm.agree before any file is written."""
+    comm.threads_per_rank()
+    if device == "cuda" and not torch.cuda.is_available():
+        comm.bind_device(device)  # raises its one-line UserError
+
+
 def setup_runtime(comm, device: str = "auto", tune_allocator: bool = True) -> Runtime:
     """Bind this rank's device and threads and set numeric modes; identical on every rank."""
     dev = comm.bind_device(device)

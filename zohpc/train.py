@@ -33,7 +33,7 @@ from .masks import read_mask_file  # noqa: E402
 from .progress import Progress  # noqa: E402
 from .prune import PruningData  # noqa: E402
 from .rundir import Plan, claim_directory, plan_start, prepare_directory  # noqa: E402
-from .runtime import setup_runtime  # noqa: E402
+from .runtime import check_runtime, setup_runtime  # noqa: E402
 from .steps.protocol import share_state  # noqa: E402
 from .stop import Preempted, StopRequest  # noqa: E402
 from .tasks.loading import build_task, check_task  # noqa: E402
@@ -155,8 +155,7 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
         if comm.is_driver:
             progress.say(f"{progress.prog}: warning: {msg}")
 
-    with progress.phase("runtime"):  # (a device or thread setting that cannot be had: before the directory)
-        runtime = comm.agree(setup_runtime, comm, cfg.train.device)
+    comm.agree(check_runtime, comm, cfg.train.device)  # (silent; a refusal before the directory is made)
     if cfg.prune.masks_file:  # a damaged or foreign mask file, too (its fit to the model is checked later)
         comm.agree(read_mask_file, cfg.prune.masks_file)
     plan = _open_directory(comm, cfg, resume, warn, claims) if save else Plan(run_id="", checkpoint=None, changed=[])
@@ -167,6 +166,8 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
     trainer = None
     try:
         _stop_point(stop)
+        with progress.phase("runtime"):
+            runtime = setup_runtime(comm, cfg.train.device)
         with progress.phase("task", cfg.task.name if task is None else (task.name or "task")):
             task = comm.agree(build_task, cfg) if task is None else comm.agree(check_task, task, task.name or "task")
             if cfg.lora.target:

@@ -364,7 +364,10 @@ def check_args(args) -> None:
 
 
 def run(comm, args) -> dict:
-    comm.agree(check_args, args)
+    if comm is None:
+        check_args(args)
+    else:
+        comm.agree(check_args, args)
     malloc_tuned = tune_malloc()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
