@@ -138,6 +138,20 @@ def test_unfinished_run_and_duplicate_steps(tmp_path, capsys):
     assert r["queries"] == STEPS * QUERIES and r["last_loss"] == 1.0 and r["wall_seconds"] == 9.0
 
 
+def test_wall_seconds_add_up_over_resumed_segments():
+    """Each segment's step/eval/stopped times count from its own start: the run's wall time is
+    their sum (the done record's whole for the last segment), never a date."""
+    seg1 = [{"event": "start", "time": 1796469552.1}, {"event": "step", "step": 1, "time": 500.0},
+            {"event": "step", "step": 2, "time": 1000.0}, {"event": "stopped", "step": 2, "signal": "SIGTERM",
+                                                            "checkpoint": None, "time": 1001.0}]
+    seg2 = [{"event": "resume", "step": 2, "checkpoint": "c.h5"}, {"event": "step", "step": 3, "time": 205.0}]
+    s = analyze._apply_metrics(analyze._empty_summary("r", "run"), seg1 + seg2)
+    assert s["wall_seconds"] == 1206.0 and s["finished"] is False
+    done = {"event": "done", "step": 3, "epoch": 1, "wall_seconds": 210.0}
+    s = analyze._apply_metrics(analyze._empty_summary("r", "run"), seg1 + seg2 + [done])
+    assert s["wall_seconds"] == 1211.0 and s["finished"] is True
+
+
 def test_text_comparison_table(tmp_path, capsys):
     a, _, _ = make_run(tmp_path, "run_a", lr=0.05, accs=(0.31, 0.52))
     b, _, _ = make_run(tmp_path, "run_b", lr=0.1, accs=(0.40, 0.61))

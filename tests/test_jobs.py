@@ -292,5 +292,12 @@ def test_prune_template_command(fake_slurm):
     assert p.returncode == 0, p.stderr
     args = parse_with("prune", recorded_command(tmp_path, "prune")[1])
     assert (args.method, args.sparsity, args.seed, args.out) == ("random", 0.9, 7, "masks/m.h5")
-    assert args.overrides == ["prune.queries=16"]
+    assert args.overrides == ["prune.queries=16"] and not args.force
+    # a requeued job rewrites its own default file (deterministic masks); a named MASKS never
+    for f in ("runs/zohpc-prune-4242/masks.h5", "masks/m.h5"):
+        (tmp_path / "submit" / f).write_bytes(b"written before the node failed")
+    for extra, force in (({}, False), ({"SLURM_RESTART_COUNT": "1"}, True),
+                         ({"SLURM_RESTART_COUNT": "1", "MASKS": "masks/m.h5"}, False)):
+        assert run_template("prune.sbatch", {**env, **extra}).returncode == 0
+        assert parse_with("prune", recorded_command(tmp_path, "prune")[1]).force is force, extra
     assert (tmp_path / "submit" / "masks" / "logs" / "prune-4242.out").exists()

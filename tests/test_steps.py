@@ -206,3 +206,22 @@ def test_queries_leave_running_statistics_and_the_driver_updates_them():
     assert any("running_mean" in n for n in ours)
     for n in ours:
         assert torch.equal(ours[n], theirs[n]), n
+
+
+def test_attempt_records_how_a_step_ended():
+    """A task error and a task's sys.exit end as an error outcome (settled on every rank: one
+    line, exit 2), never as an exit of this rank alone, which would leave the others waiting."""
+    import sys
+
+    from zohpc.errors import UserError
+    from zohpc.steps.protocol import attempt
+
+    assert attempt(lambda: 5).value == 5 and attempt(lambda: 5).error is None
+
+    def fails():
+        raise UserError("task 't': loss is nan")
+
+    assert attempt(fails, " (step 3)").error == "task 't': loss is nan (step 3)"
+    assert attempt(lambda: sys.exit(4), " (step 3)").error == "the task's code called sys.exit(4) (step 3)"
+    with pytest.raises(RuntimeError):  # anything else still ends the job (MPI_Abort, with a message)
+        attempt(lambda: (_ for _ in ()).throw(RuntimeError("bug")))

@@ -180,6 +180,7 @@ IN_STEP = {  # the objective fails in step 3: the checkpoint of step 2 is kept
     "nan_late": ("task.name=zoplug:nan_late", ["task 'late'", "loss is nan", "(step 3)"]),
     "raises_late": ("task.name=zoplug:raises_late", ["task 'late'", "RuntimeError: solver diverged", "(step 3)"]),
     "exits_late": ("task.name=zoplug:exits_late", ["task 'late'", "sys.exit('the solver gave up')", "(step 3)"]),
+    "exits_in_augment": ("task.name=zoplug:exits_in_augment", ["augment failed in epoch 0, batch 2", "sys.exit(3)"]),
 }
 
 

@@ -23,7 +23,7 @@ JSON schema (``schema_version`` 1)::
         "last_test_acc": float | null,
         "last_loss": float | null,   # loss of the last step record
         "queries": int | null,       # loss queries spent (done record, else sum of step records)
-        "wall_seconds": float | null,# done record, else the largest step/eval/stopped "time"
+        "wall_seconds": float | null,# summed over segments: done record, else largest step/eval/stopped "time"
         "steps_logged": int,         # step records (the loss curve's length)
         "evals_logged": int,         # eval records (the accuracy curve's length)
         "checkpoint": str | null,    # checkpoint read (a run's newest one that verifies)
@@ -125,10 +125,12 @@ RELATIVE_TIME = ("step", "eval", "stopped")
 
 def _apply_metrics(summary: dict, records: list[dict]) -> dict:
     """Fill a summary from metric records (typed by :mod:`zohpc.metrics`; unknown ones skipped)."""
-    steps, done, times = {}, None, []
+    steps, done, segments = {}, None, [None]  # the longest time seen in each segment (a resume starts one)
     for obj in records:
-        if obj.get("event") in RELATIVE_TIME and _num(obj.get("time")) is not None:
-            times.append(float(obj["time"]))
+        if obj.get("event") == "resume":
+            segments.append(None)
+        elif obj.get("event") in RELATIVE_TIME and _num(obj.get("time")) is not None:
+            segments[-1] = max(float(obj["time"]), segments[-1] or 0.0)
         rec = parse_record(obj)
         if isinstance(rec, m.Start):
             summary["model"] = rec.model if isinstance(rec.model, str) else summary["model"]
@@ -146,8 +148,8 @@ def _apply_metrics(summary: dict, records: list[dict]) -> dict:
         summary["queries"] = sum(_int(r.queries) or 0 for r in steps.values())
     if c["acc"]:
         summary["best_test_acc"], summary["last_test_acc"] = max(c["acc"]), c["acc"][-1]
-    if times:
-        summary["wall_seconds"] = max(times)
+    if any(t is not None for t in segments):
+        summary["wall_seconds"] = sum(t or 0.0 for t in segments)
     if done is not None:
         summary["finished"] = True
         for field in ("step", "epoch", "queries"):
@@ -157,8 +159,8 @@ def _apply_metrics(summary: dict, records: list[dict]) -> dict:
             summary["best_test_acc"] = _num(done.best_test_acc)
         if summary["last_test_acc"] is None:
             summary["last_test_acc"] = _num(done.final_test_acc)
-        if _num(done.wall_seconds) is not None:
-            summary["wall_seconds"] = float(done.wall_seconds)
+        if _num(done.wall_seconds) is not None:  # the last segment's, whole; earlier ones as seen
+            summary["wall_seconds"] = sum(t or 0.0 for t in segments[:-1]) + float(done.wall_seconds)
     return summary
 
 

@@ -156,8 +156,8 @@ def _train(comm, cfg, task, resume, save, progress, stop, t_process, claims):
             progress.say(f"{progress.prog}: warning: {msg}")
 
     comm.agree(check_runtime, comm, cfg.train.device)  # (silent; a refusal before the directory is made)
-    if cfg.prune.masks_file:  # a damaged or foreign mask file, too (its fit to the model is checked later)
-        comm.agree(read_mask_file, cfg.prune.masks_file)
+    if cfg.prune.masks_file and resume is None:  # a fresh start's damaged or foreign mask file, too (a
+        comm.agree(read_mask_file, cfg.prune.masks_file)  # resume takes its masks from the checkpoint)
     plan = _open_directory(comm, cfg, resume, warn, claims) if save else Plan(run_id="", checkpoint=None, changed=[])
     metrics = rec.MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir and comm.is_driver else None)
     if run_dir and cfg.logging.tensorboard and comm.is_driver:

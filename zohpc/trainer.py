@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import metrics as rec
 from .config import DENSE_ESTIMATORS, Config, estimator_name, to_toml
 from .data import epoch_batches
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import PLUGIN_FAILURES, CheckpointError, ConfigError, UserError, describe
 from .evaluation import evaluate
 from .inputs import model_input
 from .masks import MaskSchedule, read_mask_file
@@ -91,6 +91,15 @@ def _injected_failure():
         return None
     rank, step = spec.split(":")
     return int(rank), int(step)
+
+
+def augmented(task, x, epoch: int, batch_index: int):
+    """The task's augment of a training batch; its failure (sys.exit too) is one line."""
+    try:
+        return task.augment(x, epoch, batch_index)
+    except PLUGIN_FAILURES as exc:
+        raise UserError(f"task '{task.name}': augment failed in epoch {epoch}, batch {batch_index} "
+                        f"({describe(exc)})") from None
 
 
 class Trainer:
@@ -264,7 +273,7 @@ class Trainer:
         (every rank builds it; the step protocol broadcasts the driver's values)."""
         x = self.train_x[idx]
         if self.task.augment is not None:
-            x = self.task.augment(x, self.epoch, batch_index)
+            x = augmented(self.task, x, self.epoch, batch_index)
         x = standard(model_input(x, next(self.model.parameters())))
         return x, standard(self.train_y[idx].to(self.device))
 
@@ -344,7 +353,8 @@ class Trainer:
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
                 t0 = time.perf_counter()
                 lr = self.set_lr(self.step)
-                x, y = self.batch(batches[self.batch_in_epoch], self.batch_in_epoch)
+                bi = self.batch_in_epoch  # (a user's augment failing on any rank: agreed, one line)
+                x, y = comm.agree(self.batch, batches[bi], bi) if self.task.augment else self.batch(batches[bi], bi)
                 result = self.train_step(x, y)
                 self.step += 1
                 self.batch_in_epoch += 1

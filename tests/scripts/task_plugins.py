@@ -192,6 +192,19 @@ def exits_late(cfg):
     return _late(cfg, fail)
 
 
+def exits_in_augment(cfg):
+    """augment gives up with sys.exit on rank 1 in the third batch (step 3)."""
+    task = regression(cfg)
+
+    def augment(x, epoch, batch_index):
+        if _rank() == 1 and batch_index == 2:
+            sys.exit(3)
+        return x
+
+    task.augment = augment
+    return task
+
+
 CALLS = [0]
 
 

@@ -349,8 +349,9 @@ def check_args(args) -> None:
     for name in ("threads", "batch", "coords", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"option --{name}: must be >= 1, got {getattr(args, name)}")
-    if args.classes < 2:
-        raise ConfigError(f"option --classes: must be >= 2, got {args.classes}")
+    least = 1 if args.task == "regress" else 2  # (regress: the output width)
+    if args.classes < least:
+        raise ConfigError(f"option --classes: must be >= {least}, got {args.classes}")
     if not math.isfinite(args.mu) or args.mu <= 0:
         raise ConfigError(f"option --mu: must be a finite step > 0, got {args.mu}")
     if args.seed < 0:

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..errors import UserError
+from ..errors import UserError, describe
 from ..stop import Preempted, StepAbandoned
 
 
@@ -86,6 +86,8 @@ def attempt(fn, where: str = "") -> Outcome:
         out = Outcome(abandoned=True)
     except UserError as exc:
         out = Outcome(error=f"{exc}{where}")
+    except SystemExit as exc:  # the task's own code (its model's forward) gave up: on one rank it would hang the rest
+        out = Outcome(error=f"the task's code called {describe(exc)}{where}")
     out.seconds = time.perf_counter() - t0
     return out
 

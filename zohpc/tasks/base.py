@@ -43,9 +43,9 @@ class Task:
     Dropout modules are accepted with ``p = 0`` only (finite differences need a fixed forward;
     PyTorch's encoder layers take ``dropout=0.0``).
     ``lower_is_better``: names of ``metrics`` whose best value is the smallest (the run's
-    summary reports each metric's best over the evaluations). Without it, a name ending in
-    one of :data:`LOWER_IS_BETTER` (``loss``, ``error``, ``mse``, ...) is minimized, and
-    any other name maximized.
+    summary reports each metric's best over the evaluations). Besides those, a name ending
+    in one of :data:`LOWER_IS_BETTER` (``loss``, ``error``, ``mse``, ...) is minimized; any
+    other name is maximized.
     ``info``: free-form facts for the log (data set name, sizes).
     """
 
