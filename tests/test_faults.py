@@ -498,7 +498,8 @@ def test_stop_during_the_final_evaluation_resumes_to_a_complete_run(reference, t
     (["-m", "zohpc.plan", "--ranks", "2"], ["runs as one process", "without mpirun"]),
     (["-m", "zohpc.export", "/nonexistent/ckpt.h5", "/nonexistent/out.h5"], ["/nonexistent/ckpt.h5"]),
     (["-m", "zohpc.bench", "engine", "--mu", "0", "--json"], ["option --mu"]),
-], ids=["plan", "export", "bench"])
+    (["-m", "zohpc.bench", "device"], ["bench device runs as one process"]),
+], ids=["plan", "export", "bench", "bench_device"])
 def test_one_process_tools_under_mpirun_refuse_once(argv, needles):
     """Tools that work on one rank, started under mpirun with bad input: exit 2 on every rank,
     the line printed once, no MPI_Abort."""

@@ -71,6 +71,12 @@ def _cores_available() -> int:
         return os.cpu_count() or 1
 
 
+def require_device(preference: str, culprit: str) -> None:
+    """One line naming ``culprit`` when ``preference`` asks for CUDA on a machine without it."""
+    if preference.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{culprit}: {preference!r} requested but no CUDA device is available")
+
+
 class Comm:
     """A communicator with the job's layout: rank, size, node-local rank, device, threads."""
 
@@ -93,8 +99,7 @@ class Comm:
     # ------------------------------------------------------------------ placement
     def bind_device(self, preference: str = "auto") -> torch.device:
         """``cuda:local_rank % n_gpus`` when CUDA is wanted and present, else the CPU."""
-        if preference == "cuda" and not torch.cuda.is_available():
-            raise UserError("config key 'train.device': 'cuda' requested but no CUDA device is available")
+        require_device(preference, "config key 'train.device'")
         if preference in ("auto", "cuda") and torch.cuda.is_available():
             index = self.local_rank % torch.cuda.device_count()
             torch.cuda.set_device(index)
@@ -118,6 +123,11 @@ class Comm:
         n = self.threads_per_rank()
         torch.set_num_threads(n)
         return n
+
+    def one_process_only(self, why: str) -> None:
+        """Collective: started under mpirun, a one-process tool refuses once, exit 2 on every rank."""
+        if self.size > 1:
+            self.raise_if_any(why)
 
     # ------------------------------------------------------------------ collectives
     def _buffer(self, tensor: torch.Tensor):

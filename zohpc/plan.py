@@ -305,15 +305,10 @@ def slurm_header(plan: dict, args) -> list[str]:
     return lines
 
 
-def _refuse(message: str):
-    raise UserError(message)
-
-
 def run(comm, args) -> int:
     from .config import load_config
 
-    if comm.size > 1:  # (every rank knows the size: one line, exit 2 on each)
-        comm.agree(_refuse, "zohpc.plan runs as one process (it predicts P ranks from one): start it without mpirun")
+    comm.one_process_only("zohpc.plan runs as one process (it predicts P ranks from one): start it without mpirun")
     check_args(args)
     cfg = load_config(args.config, args.overrides, None)
     plan = make_plan(cfg, args)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .comm import require_device
+
 
 @dataclass
 class Runtime:
@@ -71,8 +73,7 @@ def check_runtime(comm, device: str = "auto") -> None:
     """What :func:`setup_runtime` would refuse (a device not present, a bad ZOHPC_THREADS),
     without changing anything: run through Comm.agree before any file is written."""
     comm.threads_per_rank()
-    if device == "cuda" and not torch.cuda.is_available():
-        comm.bind_device(device)  # raises its one-line UserError
+    require_device(device, "config key 'train.device'")
 
 
 def setup_runtime(comm, device: str = "auto", tune_allocator: bool = True) -> Runtime:

@@ -34,7 +34,6 @@ import time
 
 import torch
 
-from ..errors import UserError
 
 CIFAR_TRAIN = 50_000
 
@@ -225,8 +224,7 @@ def precision(budget: Budget) -> dict:
 
 
 def run(comm, args) -> int:
-    if comm.size > 1:
-        raise UserError("bench device runs as one process (it starts its own 2-rank run): start it without mpirun")
+    comm.one_process_only("bench device runs as one process (it starts its own 2-rank run): start it without mpirun")
     parts = ("tests", "peak", "engine", "step", "sharing", "precision")
     result = {"bench": "device", "cuda": torch.cuda.is_available()}
     if args.device == "cuda" and not torch.cuda.is_available():

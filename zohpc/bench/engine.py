@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..comm import world
+from ..comm import require_device, world
 from ..errors import ConfigError
 from ..models import MODEL_NAMES, build_model
 from ..stop import StepAbandoned, no_check
@@ -356,8 +356,7 @@ def check_args(args) -> None:
         raise ConfigError(f"option --mu: must be a finite step > 0, got {args.mu}")
     if args.seed < 0:
         raise ConfigError(f"option --seed: must be >= 0, got {args.seed}")
-    if args.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"option --device: {args.device!r} requested but no CUDA device is available")
+    require_device(args.device, "option --device")
     try:
         torch.device(args.device)
     except RuntimeError:
